@@ -1,0 +1,1 @@
+fn main() { println!("ringway-load: not yet built"); }

@@ -1,0 +1,1 @@
+//! Backend selection: stable flow-key hashing and consistent-hash tables (pure code).

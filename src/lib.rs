@@ -1,0 +1,7 @@
+//! Ringway: a Layer-4 TCP proxy and load balancer on io_uring.
+//!
+//! The crate is split into pure decision code (`config`, `balance`, `flow`) that is tested
+//! without sockets, and a thin I/O shell (`worker`, `net`, `control`) that feeds it
+//! completions from io_uring. See docs/architecture.md for the map.
+
+pub mod balance;
