@@ -1,0 +1,263 @@
+//! The command line as an operator meets it: exit codes, messages, signals.
+
+mod common;
+
+use std::net::TcpListener;
+use std::time::Duration;
+
+use common::*;
+
+const EXIT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Runs ringway with `args`, expecting a usage error: exit status 2 and one line on stderr that
+/// names `flag`, without starting to listen.
+fn expect_bad_flag(args: &[&str], flag: &str) {
+    let out = run_to_exit(args, EXIT_TIMEOUT);
+    let lines: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "ringway {args:?}: want exit status 2, got {}\nstderr:\n{}",
+        out.status,
+        out.stderr
+    );
+    assert!(
+        lines.iter().any(|l| l.contains(flag)),
+        "ringway {args:?}: stderr does not name {flag}:\n{}",
+        out.stderr
+    );
+    assert_eq!(
+        lines.len(),
+        1,
+        "ringway {args:?}: want one line on stderr, got:\n{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+}
+
+/// A backend address for command lines that must fail before connecting anywhere.
+const B: &str = "127.0.0.1:9";
+const L: &str = "127.0.0.1:0";
+
+#[test]
+fn backend_that_is_not_an_address_is_rejected() {
+    expect_bad_flag(&["--listen", L, "--backend", "nonsense"], "--backend");
+}
+
+#[test]
+fn backend_port_out_of_range_is_rejected() {
+    expect_bad_flag(
+        &["--listen", L, "--backend", "127.0.0.1:70000"],
+        "--backend",
+    );
+}
+
+#[test]
+fn backend_with_bad_weight_is_rejected() {
+    expect_bad_flag(
+        &["--listen", L, "--backend", "127.0.0.1:80,weight=heavy"],
+        "--backend",
+    );
+}
+
+#[test]
+fn zero_workers_is_rejected() {
+    expect_bad_flag(
+        &["--listen", L, "--backend", B, "--workers", "0"],
+        "--workers",
+    );
+}
+
+#[test]
+fn missing_listen_is_rejected() {
+    expect_bad_flag(&["--backend", B], "--listen");
+}
+
+#[test]
+fn missing_backend_is_rejected() {
+    expect_bad_flag(&["--listen", L], "--backend");
+}
+
+#[test]
+fn listen_that_is_not_an_address_is_rejected() {
+    expect_bad_flag(&["--listen", "not-an-address", "--backend", B], "--listen");
+}
+
+#[test]
+fn idle_timeout_with_unknown_unit_is_rejected() {
+    expect_bad_flag(
+        &["--listen", L, "--backend", B, "--idle-timeout", "5parsecs"],
+        "--idle-timeout",
+    );
+}
+
+#[test]
+fn connect_timeout_without_number_is_rejected() {
+    expect_bad_flag(
+        &["--listen", L, "--backend", B, "--connect-timeout", "soon"],
+        "--connect-timeout",
+    );
+}
+
+#[test]
+fn unknown_hash_key_is_rejected() {
+    expect_bad_flag(
+        &["--listen", L, "--backend", B, "--hash-key", "dst-ip"],
+        "--hash-key",
+    );
+}
+
+#[test]
+fn retries_that_is_not_a_number_is_rejected() {
+    expect_bad_flag(
+        &["--listen", L, "--backend", B, "--retries", "many"],
+        "--retries",
+    );
+}
+
+#[test]
+fn unknown_flag_is_rejected() {
+    expect_bad_flag(
+        &["--listen", L, "--backend", B, "--frobnicate"],
+        "--frobnicate",
+    );
+}
+
+#[test]
+fn busy_listen_port_exits_1_with_a_message() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = run_to_exit(&["--listen", &addr, "--backend", B], EXIT_TIMEOUT);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "listen on busy {addr}: want exit status 1, got {}\nstderr:\n{}",
+        out.status,
+        out.stderr
+    );
+    let lower = out.stderr.to_lowercase();
+    assert!(
+        lower.contains("in use") || out.stderr.contains(&addr),
+        "message should say the address is in use or name it:\n{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("listening on"), "{}", out.stderr);
+    assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+}
+
+#[test]
+fn unresolvable_backend_exits_1_naming_it() {
+    let out = run_to_exit(
+        &["--listen", L, "--backend", "no-such-host.invalid:80"],
+        EXIT_TIMEOUT,
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "unresolvable backend: want exit status 1, got {}\nstderr:\n{}",
+        out.status,
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("no-such-host.invalid"),
+        "message should name the backend:\n{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+}
+
+#[test]
+fn help_exits_0_and_documents_every_flag() {
+    let out = run_to_exit(&["--help"], EXIT_TIMEOUT);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "--help: {}\n{}",
+        out.status,
+        out.stderr
+    );
+    let text = format!("{}{}", out.stdout, out.stderr);
+    for flag in [
+        "--listen",
+        "--backend",
+        "--workers",
+        "--hash-key",
+        "--vnodes",
+        "--hash-seed",
+        "--connect-timeout",
+        "--idle-timeout",
+        "--retries",
+        "--max-conns",
+        "--buffer-size",
+        "--buffers",
+    ] {
+        assert!(
+            text.contains(flag),
+            "--help does not mention {flag}:\n{text}"
+        );
+    }
+}
+
+#[test]
+fn version_exits_0_and_prints_the_version() {
+    let out = run_to_exit(&["--version"], EXIT_TIMEOUT);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "--version: {}\n{}",
+        out.status,
+        out.stderr
+    );
+    let text = format!("{}{}", out.stdout, out.stderr);
+    assert!(
+        text.contains(env!("CARGO_PKG_VERSION")),
+        "--version output lacks {}: {text}",
+        env!("CARGO_PKG_VERSION")
+    );
+}
+
+/// Starts a proxy with open, working flows, sends `signal`, and expects a clean exit.
+fn stops_cleanly_on(signal: libc::c_int) {
+    let echo = Backend::echo();
+    let mut proxy = Proxy::start(&["--listen", L, "--backend", &echo.arg()]);
+    let mut flows: Vec<_> = (0..5).map(|_| connect(proxy.addr).unwrap()).collect();
+    for (i, f) in flows.iter_mut().enumerate() {
+        echo_roundtrip(f, format!("flow {i}").as_bytes()).unwrap();
+    }
+    proxy.signal(signal);
+    let status = proxy.wait_exit(Duration::from_secs(15)).unwrap_or_else(|| {
+        panic!(
+            "still running 15s after signal {signal} with 5 open flows\n{}",
+            proxy.stderr_tail()
+        )
+    });
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit after signal {signal}: {status}\n{}",
+        proxy.stderr_tail()
+    );
+    assert!(
+        !proxy.stderr().contains("panicked"),
+        "{}",
+        proxy.stderr_tail()
+    );
+    // The open flows were closed, not left hanging.
+    for f in &mut flows {
+        expect_closed(f, CLOSE_TIMEOUT).unwrap();
+    }
+}
+
+#[test]
+fn sigterm_with_open_flows_exits_0() {
+    stops_cleanly_on(libc::SIGTERM);
+}
+
+#[test]
+fn sigint_with_open_flows_exits_0() {
+    stops_cleanly_on(libc::SIGINT);
+}

@@ -1,0 +1,386 @@
+//! Relay semantics end to end: bytes arrive exactly, both ways at once, over many concurrent
+//! flows; half-close in each direction; resets in each direction; a client that stops reading.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Size of one flow: mostly small, some large, a few of several MB, a few empty.
+fn flow_size(rng: &mut Rng, id: usize) -> u64 {
+    if id % 256 == 1 {
+        return rng.range(4 << 20, 6 << 20);
+    }
+    match rng.range(0, 99) {
+        0..=4 => 0,
+        5..=59 => rng.range(1, 2 << 10),
+        60..=89 => rng.range((2 << 10) + 1, 128 << 10),
+        90..=98 => rng.range((128 << 10) + 1, 1 << 20),
+        _ => rng.range((1 << 20) + 1, 4 << 20),
+    }
+}
+
+/// One flow of the concurrency test: connect from `src`, wait for the gate, then write
+/// `size` bytes of stream `key` while reading them back from the echo backend, half-close, and
+/// expect exactly those bytes followed by EOF.
+fn run_flow(
+    proxy: std::net::SocketAddr,
+    src: std::net::IpAddr,
+    key: u64,
+    size: u64,
+    gate: &Gate,
+) -> Result<(), String> {
+    let connected = connect_from(src, proxy);
+    gate.arrive();
+    let mut stream = connected.map_err(|e| format!("connect from {src}: {e}"))?;
+    if !gate.wait_open(Duration::from_secs(120)) {
+        return Err("gate never opened".into());
+    }
+    let mut rd = stream.try_clone().map_err(|e| format!("try_clone: {e}"))?;
+    let reader = thread::Builder::new()
+        .stack_size(SMALL_STACK)
+        .spawn(move || read_pattern_to_eof(&mut rd, key, size))
+        .map_err(|e| format!("spawn reader: {e}"))?;
+    let written = write_pattern(&mut stream, key, size)
+        .and_then(|()| stream.shutdown(Shutdown::Write))
+        .map_err(|e| format!("write/shutdown: {e}"));
+    let read = reader
+        .join()
+        .unwrap_or_else(|_| Err("reader panicked".into()));
+    written?;
+    read
+}
+
+#[test]
+fn thousand_concurrent_flows_of_random_sizes_relay_every_byte() {
+    const FLOWS: usize = 1024;
+    let seed = test_seed();
+    let backends: Vec<Backend> = (0..3).map(|_| Backend::echo()).collect();
+    let mut args = vec!["--listen".to_string(), "127.0.0.1:0".to_string()];
+    for b in &backends {
+        args.push("--backend".into());
+        args.push(b.arg());
+    }
+    let mut proxy = Proxy::start(&args);
+
+    let mut rng = Rng::new(seed);
+    let sizes: Vec<u64> = (0..FLOWS).map(|id| flow_size(&mut rng, id)).collect();
+    let total: u64 = sizes.iter().sum();
+    let gate = Arc::new(Gate::default());
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let mut threads = Vec::new();
+    for (id, &size) in sizes.iter().enumerate() {
+        let (flow_gate, failures, addr) = (gate.clone(), failures.clone(), proxy.addr);
+        let src = client_ip(10 + (id % 64) as u8);
+        let key = seed.wrapping_add(id as u64);
+        let spawned = thread::Builder::new()
+            .stack_size(SMALL_STACK)
+            .spawn(move || {
+                if let Err(e) = run_flow(addr, src, key, size, &flow_gate) {
+                    failures
+                        .lock()
+                        .unwrap()
+                        .push(format!("flow {id} ({size} bytes from {src}): {e}"));
+                }
+            });
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                gate.open();
+                panic!("spawning flow thread {id}: {e}");
+            }
+        }
+    }
+
+    // All clients connected, and the proxy holds every flow open to a backend at once.
+    let arrived = gate.wait_arrived(FLOWS, Duration::from_secs(90));
+    let all_open = wait_until(Duration::from_secs(90), || {
+        backends.iter().map(Backend::open).sum::<usize>() >= FLOWS
+    });
+    let open_at_start: usize = backends.iter().map(Backend::open).sum();
+    gate.open();
+    for t in threads {
+        t.join().expect("flow thread panicked");
+    }
+    proxy.assert_running();
+
+    let failures = failures.lock().unwrap();
+    let spread: Vec<usize> = backends.iter().map(Backend::accepted).collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {FLOWS} flows failed (seed {seed}, {total} bytes each way); first ones:\n{}\n{}",
+        failures.len(),
+        failures
+            .iter()
+            .take(15)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n"),
+        proxy.stderr_tail()
+    );
+    assert_eq!(arrived, FLOWS, "only {arrived} clients connected");
+    assert!(
+        all_open,
+        "the backends never saw all {FLOWS} flows open at once (at most {open_at_start}); \
+         connections accepted per backend: {spread:?}\n{}",
+        proxy.stderr_tail()
+    );
+    assert_eq!(
+        spread.iter().sum::<usize>(),
+        FLOWS,
+        "backends accepted {spread:?} connections for {FLOWS} flows"
+    );
+}
+
+#[test]
+fn client_half_close_delivers_all_bytes_then_eof_and_reply_still_flows() {
+    const LEN: u64 = 3 << 20;
+    let sink = Backend::start(Kind::Sink);
+    let proxy = Proxy::start(&["--listen", "127.0.0.1:0", "--backend", &sink.arg()]);
+    let mut client = connect(proxy.addr).unwrap();
+    write_pattern(&mut client, 7, LEN).unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+
+    // The sink replies only after it saw EOF: the reply proves the backend got our FIN after
+    // all the bytes, and that the backend-to-client direction still works after it.
+    let reply = read_line(&mut client)
+        .unwrap_or_else(|e| panic!("no reply after half-close: {e}\n{}", proxy.stderr_tail()));
+    let want = format!("{LEN} {:016x}", digest(&pattern_vec(7, LEN as usize)));
+    assert_eq!(reply, want, "backend received different bytes (len digest)");
+    let (how, _) = expect_closed(&mut client, CLOSE_TIMEOUT)
+        .unwrap_or_else(|e| panic!("after the reply: {e}\n{}", proxy.stderr_tail()));
+    assert_eq!(
+        how,
+        Closed::Eof,
+        "backend closed cleanly, client should see EOF"
+    );
+    match sink.next_event(CLOSE_TIMEOUT) {
+        Some(Event::Sunk { how, len, .. }) => {
+            assert_eq!((how, len), (Closed::Eof, LEN), "what the backend saw")
+        }
+        other => panic!("sink event: {other:?}"),
+    }
+}
+
+#[test]
+fn backend_half_close_delivers_eof_and_client_can_still_send() {
+    const DOWN: u64 = 2 << 20;
+    const UP: u64 = 1 << 20;
+    let backend = Backend::start(Kind::HalfCloser { bytes: DOWN });
+    let proxy = Proxy::start(&["--listen", "127.0.0.1:0", "--backend", &backend.arg()]);
+    let mut client = connect(proxy.addr).unwrap();
+
+    // All of the backend's bytes, then EOF, while our write side is still open.
+    read_pattern_to_eof(&mut client, HALF_CLOSE_KEY, DOWN).unwrap_or_else(|e| {
+        panic!(
+            "reading the backend's stream before its FIN: {e}\n{}",
+            proxy.stderr_tail()
+        )
+    });
+    // The other direction keeps flowing after the backend's FIN.
+    write_pattern(&mut client, 99, UP)
+        .unwrap_or_else(|e| panic!("writing after backend half-close: {e}"));
+    client.shutdown(Shutdown::Write).unwrap();
+    match backend.next_event(Duration::from_secs(30)) {
+        Some(Event::Sunk {
+            how,
+            len,
+            digest: d,
+            ..
+        }) => {
+            assert_eq!(how, Closed::Eof, "backend should see our FIN as EOF");
+            assert_eq!(len, UP, "bytes the backend received after its half-close");
+            assert_eq!(d, digest(&pattern_vec(99, UP as usize)), "content differs");
+        }
+        other => panic!(
+            "backend did not get our bytes + FIN after its half-close: {other:?}\n{}",
+            proxy.stderr_tail()
+        ),
+    }
+    let (how, _) = expect_closed(&mut client, CLOSE_TIMEOUT).unwrap();
+    assert_eq!(how, Closed::Eof);
+}
+
+#[test]
+fn backend_reset_mid_stream_tears_down_client_without_losing_or_adding_bytes() {
+    const PREFIX: u64 = 256 << 10;
+    const READ: u64 = 64 << 10;
+    let backend = Backend::start(Kind::Reset {
+        prefix: PREFIX,
+        read: READ,
+    });
+    let proxy = Proxy::start(&["--listen", "127.0.0.1:0", "--backend", &backend.arg()]);
+    let mut client = connect(proxy.addr).unwrap();
+
+    // Everything the backend sent before its RST arrives (we read it all before we send the
+    // bytes that trigger the reset, so none of it can be in flight when the RST happens).
+    read_pattern_exact(&mut client, RESET_PREFIX_KEY, PREFIX)
+        .unwrap_or_else(|e| panic!("prefix: {e}\n{}", proxy.stderr_tail()));
+    write_pattern(&mut client, 5, READ).unwrap();
+    match backend.next_event(Duration::from_secs(30)) {
+        Some(Event::ResetSent { received, .. }) => assert_eq!(received, READ),
+        other => panic!("reset backend: {other:?}\n{}", proxy.stderr_tail()),
+    }
+
+    // Then the client sees the connection end: a reset, or at least EOF; no extra bytes.
+    let (how, _) = expect_closed(&mut client, CLOSE_TIMEOUT)
+        .unwrap_or_else(|e| panic!("client after backend RST: {e}\n{}", proxy.stderr_tail()));
+    eprintln!("client saw the backend's RST as {how:?}");
+
+    // And the connection is really gone: writing fails (soon) instead of vanishing forever.
+    let deadline = Instant::now() + CLOSE_TIMEOUT;
+    let chunk = vec![0u8; 16 << 10];
+    let write_error = loop {
+        match client.write(&chunk) {
+            Ok(_) if Instant::now() < deadline => {}
+            Ok(_) => panic!(
+                "client writes still accepted {CLOSE_TIMEOUT:?} after the backend reset\n{}",
+                proxy.stderr_tail()
+            ),
+            Err(e) => break e,
+        }
+    };
+    assert!(
+        matches!(
+            write_error.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+        ),
+        "write after backend reset failed oddly: {write_error}"
+    );
+}
+
+#[test]
+fn client_reset_closes_backend_connection() {
+    let echo = Backend::echo();
+    let mut proxy = Proxy::start(&["--listen", "127.0.0.1:0", "--backend", &echo.arg()]);
+    let mut client = connect(proxy.addr).unwrap();
+    echo_roundtrip(&mut client, b"ping").unwrap();
+    // Leave some bytes in flight (echoed back but never read), then reset.
+    write_pattern(&mut client, 3, 256 << 10).unwrap();
+    reset(client);
+
+    match echo.next_event(CLOSE_TIMEOUT) {
+        Some(Event::Closed { how, .. }) => {
+            eprintln!("backend saw the client's RST as {how:?}");
+            assert!(
+                how.is_closed() || how == Closed::Other(std::io::ErrorKind::BrokenPipe),
+                "backend connection ended oddly: {how:?}"
+            );
+        }
+        other => panic!(
+            "backend connection not closed within {CLOSE_TIMEOUT:?} of the client's RST: \
+             {other:?}\n{}",
+            proxy.stderr_tail()
+        ),
+    }
+    // The proxy carries on serving.
+    proxy.assert_running();
+    let mut again = connect(proxy.addr).unwrap();
+    echo_roundtrip(&mut again, b"still there?").unwrap();
+}
+
+/// Starts a flow to a `Stream` backend asking for `total` bytes.
+fn request_stream(proxy: &Proxy, total: u64) -> std::net::TcpStream {
+    let mut client = connect(proxy.addr).unwrap();
+    client.write_all(&total.to_le_bytes()).unwrap();
+    client
+}
+
+/// Waits for the stream backend to block on a client that reads nothing.
+fn wait_for_stall(backend: &Backend, proxy: &Proxy, total: u64) {
+    match backend.next_event(Duration::from_secs(60)) {
+        Some(Event::Stalled { written, .. }) => {
+            eprintln!("backend blocked after writing {written} of {total} bytes");
+        }
+        Some(Event::Streamed {
+            written,
+            error: None,
+            ..
+        }) => panic!(
+            "the backend wrote all {written} bytes to a client that read nothing: the proxy \
+             buffered the whole stream instead of applying backpressure\n{}",
+            proxy.stderr_tail()
+        ),
+        other => panic!("stream backend: {other:?}\n{}", proxy.stderr_tail()),
+    }
+}
+
+const SMALL_POOL: [&str; 4] = ["--buffer-size", "16384", "--buffers", "256"];
+
+#[test]
+fn slow_reader_gets_backpressure_then_every_byte_in_order() {
+    const TOTAL: u64 = 96 << 20;
+    let backend = Backend::start(Kind::Stream);
+    let mut args = vec!["--listen", "127.0.0.1:0", "--backend"];
+    let arg = backend.arg();
+    args.push(&arg);
+    args.extend(SMALL_POOL);
+    let mut proxy = Proxy::start(&args);
+
+    let mut client = request_stream(&proxy, TOTAL);
+    wait_for_stall(&backend, &proxy, TOTAL);
+    proxy.assert_running();
+
+    read_pattern_to_eof(&mut client, TOTAL, TOTAL)
+        .unwrap_or_else(|e| panic!("slow reader, once it reads: {e}\n{}", proxy.stderr_tail()));
+    match backend.next_event(Duration::from_secs(30)) {
+        Some(Event::Streamed { written, error, .. }) => {
+            assert_eq!((written, error), (TOTAL, None), "backend's side")
+        }
+        other => panic!("stream backend: {other:?}"),
+    }
+}
+
+#[test]
+fn slow_reader_does_not_stall_other_flows() {
+    const SLOW: u64 = 96 << 20;
+    const OTHER: u64 = 4 << 20;
+    let backend = Backend::start(Kind::Stream);
+    // One worker, so both flows share its buffers and event loop.
+    let mut args = vec!["--listen", "127.0.0.1:0", "--workers", "1", "--backend"];
+    let arg = backend.arg();
+    args.push(&arg);
+    args.extend(SMALL_POOL);
+    let proxy = Proxy::start(&args);
+
+    let mut slow = request_stream(&proxy, SLOW);
+    wait_for_stall(&backend, &proxy, SLOW);
+
+    let mut other = request_stream(&proxy, OTHER);
+    other
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    read_pattern_to_eof(&mut other, OTHER, OTHER).unwrap_or_else(|e| {
+        panic!(
+            "a second flow on the same worker while another client is not reading: {e}\n{}",
+            proxy.stderr_tail()
+        )
+    });
+
+    read_pattern_to_eof(&mut slow, SLOW, SLOW)
+        .unwrap_or_else(|e| panic!("slow reader, once it reads: {e}\n{}", proxy.stderr_tail()));
+}
+
+#[test]
+fn zero_byte_flow_closes_cleanly() {
+    let echo = Backend::echo();
+    let proxy = Proxy::start(&["--listen", "127.0.0.1:0", "--backend", &echo.arg()]);
+    let mut client = connect(proxy.addr).unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    let (how, _) = expect_closed(&mut client, CLOSE_TIMEOUT)
+        .unwrap_or_else(|e| panic!("empty flow: {e}\n{}", proxy.stderr_tail()));
+    assert_eq!(how, Closed::Eof);
+    match echo.next_event(CLOSE_TIMEOUT) {
+        Some(Event::Closed { how, received, .. }) => {
+            assert_eq!((how, received), (Closed::Eof, 0), "backend's view")
+        }
+        other => panic!("backend: {other:?}"),
+    }
+    let mut buf = [0u8; 1];
+    assert_eq!(client.read(&mut buf).unwrap(), 0);
+}

@@ -1,0 +1,172 @@
+//! `--idle-timeout` and `--connect-timeout`, with generous bounds on both sides: these tests
+//! check that the timeouts happen, and not early, never how precisely.
+
+mod common;
+
+use std::io::Write;
+use std::net::Shutdown;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+#[test]
+fn idle_flow_is_closed_on_both_sides_after_idle_timeout() {
+    let echo = Backend::echo();
+    let proxy = Proxy::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--backend",
+        &echo.arg(),
+        "--idle-timeout",
+        "2s",
+    ]);
+    let mut client = connect(proxy.addr).unwrap();
+    echo_roundtrip(&mut client, b"ping").unwrap();
+    let last_activity = Instant::now();
+
+    let (how, closed_at) = expect_closed(&mut client, Duration::from_secs(15))
+        .unwrap_or_else(|e| panic!("idle flow, 2s idle timeout: {e}\n{}", proxy.stderr_tail()));
+    let idle = closed_at - last_activity;
+    eprintln!("idle flow closed ({how:?}) after {idle:?}");
+    assert!(
+        idle >= Duration::from_millis(1500),
+        "closed after {idle:?} of idleness, idle timeout is 2s"
+    );
+    assert!(
+        idle <= Duration::from_secs(5),
+        "closed only after {idle:?} of idleness, idle timeout is 2s"
+    );
+    match echo.next_event(CLOSE_TIMEOUT) {
+        Some(Event::Closed { how, received, .. }) => {
+            assert!(how.is_closed(), "backend side ended with {how:?}");
+            assert_eq!(received, 4);
+        }
+        other => panic!(
+            "backend side of the idle flow not closed: {other:?}\n{}",
+            proxy.stderr_tail()
+        ),
+    }
+}
+
+#[test]
+fn flow_with_traffic_both_ways_outlives_idle_timeout() {
+    let echo = Backend::echo();
+    let proxy = Proxy::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--backend",
+        &echo.arg(),
+        "--idle-timeout",
+        "1s",
+    ]);
+    let mut client = connect(proxy.addr).unwrap();
+    let start = Instant::now();
+    let mut round = 0;
+    // Pacing, not synchronisation: a message every 250 ms for 3.5 s (> 3x the idle timeout).
+    while start.elapsed() < Duration::from_millis(3500) {
+        echo_roundtrip(&mut client, format!("round {round}").as_bytes()).unwrap_or_else(|e| {
+            panic!(
+                "active flow cut after {:?} (round {round}), idle timeout 1s: {e}\n{}",
+                start.elapsed(),
+                proxy.stderr_tail()
+            )
+        });
+        round += 1;
+        thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[test]
+fn upload_without_replies_is_not_idle() {
+    // Bytes flowing in one direction only keep the flow alive too.
+    let sink = Backend::start(Kind::Sink);
+    let proxy = Proxy::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--backend",
+        &sink.arg(),
+        "--idle-timeout",
+        "1s",
+    ]);
+    let mut client = connect(proxy.addr).unwrap();
+    let start = Instant::now();
+    let mut sent = Vec::new();
+    while start.elapsed() < Duration::from_millis(3500) {
+        let chunk = format!("chunk {} ", sent.len());
+        client
+            .write_all(chunk.as_bytes())
+            .unwrap_or_else(|e| panic!("upload cut after {:?}: {e}", start.elapsed()));
+        sent.extend_from_slice(chunk.as_bytes());
+        thread::sleep(Duration::from_millis(250));
+    }
+    client.shutdown(Shutdown::Write).unwrap();
+    let reply = read_line(&mut client).unwrap_or_else(|e| {
+        panic!(
+            "one-way upload of 3.5 s with idle timeout 1s: no reply from the backend: {e}\n{}",
+            proxy.stderr_tail()
+        )
+    });
+    assert_eq!(reply, format!("{} {:016x}", sent.len(), digest(&sent)));
+}
+
+#[test]
+fn connect_timeout_closes_client_when_backend_never_answers() {
+    let hole = Blackhole::new();
+    let proxy = Proxy::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--backend",
+        &hole.addr.to_string(),
+        "--connect-timeout",
+        "2s",
+        "--retries",
+        "0",
+    ]);
+    let start = Instant::now();
+    let mut client = connect(proxy.addr).unwrap();
+    let (how, closed_at) =
+        expect_closed(&mut client, Duration::from_secs(15)).unwrap_or_else(|e| {
+            panic!(
+                "client of a backend whose connect hangs, connect timeout 2s: {e}\n{}",
+                proxy.stderr_tail()
+            )
+        });
+    let waited = closed_at - start;
+    eprintln!("client closed ({how:?}) {waited:?} after connecting");
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "client closed after {waited:?}, before the 2s connect timeout"
+    );
+    assert!(
+        waited <= Duration::from_secs(5),
+        "client closed only after {waited:?}, connect timeout is 2s"
+    );
+}
+
+#[test]
+fn connect_timeout_does_not_cut_established_flows() {
+    // A short connect timeout applies to connecting only, not to a flow that lives longer.
+    let echo = Backend::echo();
+    let proxy = Proxy::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--backend",
+        &echo.arg(),
+        "--connect-timeout",
+        "500ms",
+    ]);
+    let mut client = connect(proxy.addr).unwrap();
+    echo_roundtrip(&mut client, b"first").unwrap();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(2000) {
+        echo_roundtrip(&mut client, b"still here").unwrap_or_else(|e| {
+            panic!(
+                "flow cut {:?} after it was established (connect timeout 500ms): {e}\n{}",
+                start.elapsed(),
+                proxy.stderr_tail()
+            )
+        });
+        thread::sleep(Duration::from_millis(200));
+    }
+}
