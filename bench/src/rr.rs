@@ -1,0 +1,416 @@
+//! Request/response workloads on a mio event loop per thread.
+//!
+//! `rr`: persistent connections; each sends a request of `size` bytes and waits for the echo
+//! before sending the next (closed loop), or, with `rate`, sends on a fixed schedule.
+//! `connect` (see `connect.rs`): the same exchange on a new connection every time.
+//!
+//! Fixed rate and coordinated omission: every connection has a schedule of intended send times
+//! (`conns / rate` apart, staggered across connections). A request that is sent late because
+//! its connection was still waiting for the previous reply (or was reconnecting) is timed from
+//! its *intended* send time, as wrk2 does, so a stall is charged to every request it delayed.
+//! A request sent on time by the timer is timed from when it was actually written: the poll
+//! timer's ~1 ms granularity belongs to the load generator, not to the system under test.
+//! Sends that left more than 1 ms after their intended time are counted as `late_sends`.
+
+use crate::net::{connect_result, error_kind, start_connect, would_block};
+use crate::payload::{check_reply, make_request};
+use crate::stats::Stats;
+use crate::Common;
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token};
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::io::{Read, Write};
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Debug)]
+pub struct RrConfig {
+    pub common: Common,
+    pub size: usize,
+    /// Offered load in requests per second over all connections (None: closed loop).
+    pub rate: Option<f64>,
+    /// A new connection for every exchange (the `connect` workload).
+    pub reconnect: bool,
+}
+
+#[derive(Debug)]
+pub struct RrResult {
+    pub stats: Stats,
+    /// Measured interval.
+    pub elapsed: Duration,
+    /// Connections established (including reconnects).
+    pub connects: u64,
+    /// Rate mode: sends that left more than 1 ms after their intended time.
+    pub late_sends: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum St {
+    /// Connected, waiting for the measurement to start.
+    Ready,
+    Connecting,
+    Sending,
+    Receiving,
+    /// Rate mode: waiting for the next intended send time.
+    Waiting,
+    /// After an error: reconnect at `timer_at`.
+    Backoff,
+}
+
+struct Slot {
+    gi: usize,
+    stream: Option<TcpStream>,
+    st: St,
+    seq: u64,
+    req: Vec<u8>,
+    reply: Vec<u8>,
+    written: usize,
+    /// Latency origin of the exchange in flight.
+    origin: Instant,
+    connect_started: Instant,
+    deadline: Instant,
+    /// Rate mode: the next intended send time.
+    due: Instant,
+    timer_at: Instant,
+}
+
+struct Ctx<'a> {
+    cfg: &'a RrConfig,
+    poll: Poll,
+    stats: Stats,
+    connects: u64,
+    late: u64,
+    timers: BinaryHeap<Reverse<(Instant, usize)>>,
+    rbuf: Vec<u8>,
+    /// Measurement running (false before the start and after the end).
+    measuring: bool,
+    interval: Option<Duration>,
+}
+
+const BACKOFF: Duration = Duration::from_millis(10);
+
+pub fn run(cfg: &RrConfig) -> RrResult {
+    let threads = cfg.common.threads.clamp(1, cfg.common.conns.max(1));
+    let barrier = Barrier::new(threads);
+    let results: Vec<(Stats, u64, u64)> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..threads)
+            .map(|t| {
+                let barrier = &barrier;
+                s.spawn(move || run_thread(cfg, t, threads, barrier))
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().expect("load thread panicked"))
+            .collect()
+    });
+    let mut stats = Stats::new();
+    let (mut connects, mut late) = (0, 0);
+    for (s, c, l) in &results {
+        stats.merge(s);
+        connects += c;
+        late += l;
+    }
+    RrResult {
+        stats,
+        elapsed: cfg.common.duration,
+        connects,
+        late_sends: late,
+    }
+}
+
+fn run_thread(cfg: &RrConfig, t: usize, threads: usize, barrier: &Barrier) -> (Stats, u64, u64) {
+    let mut common = cfg.common.clone();
+    common.threads = threads;
+    let ids = common.conns_of_thread(t);
+    let now = Instant::now();
+    let mut ctx = Ctx {
+        cfg,
+        poll: Poll::new().expect("poll"),
+        stats: Stats::new(),
+        connects: 0,
+        late: 0,
+        timers: BinaryHeap::new(),
+        rbuf: vec![0u8; cfg.size.clamp(4096, 256 * 1024)],
+        measuring: false,
+        interval: cfg
+            .rate
+            .filter(|r| *r > 0.0)
+            .map(|r| Duration::from_secs_f64(cfg.common.conns as f64 / r)),
+    };
+    let mut slots: Vec<Slot> = ids
+        .iter()
+        .map(|&gi| Slot {
+            gi,
+            stream: None,
+            st: St::Backoff,
+            seq: 0,
+            req: Vec::with_capacity(cfg.size),
+            reply: Vec::with_capacity(cfg.size),
+            written: 0,
+            origin: now,
+            connect_started: now,
+            deadline: now,
+            due: now,
+            timer_at: now,
+        })
+        .collect();
+    let mut events = Events::with_capacity(1024);
+
+    // Phase 1 (rr only): establish the persistent connections before the clock starts.
+    if !cfg.reconnect {
+        for (i, s) in slots.iter_mut().enumerate() {
+            open(s, i, &mut ctx);
+        }
+        let until = Instant::now() + cfg.common.timeout;
+        while slots.iter().any(|s| s.st == St::Connecting) && Instant::now() < until {
+            let _ = ctx.poll.poll(&mut events, Some(Duration::from_millis(20)));
+            for ev in events.iter() {
+                let i = ev.token().0;
+                drive(&mut slots[i], i, &mut ctx);
+            }
+        }
+        for (i, s) in slots.iter_mut().enumerate() {
+            if s.st == St::Connecting {
+                fail(s, i, &mut ctx, "timeout_connect");
+            }
+        }
+        ctx.timers.clear();
+    }
+    barrier.wait();
+
+    // Phase 2: measure.
+    let t0 = Instant::now();
+    let t_end = t0 + cfg.common.duration;
+    ctx.measuring = true;
+    for (i, s) in slots.iter_mut().enumerate() {
+        if let Some(iv) = ctx.interval {
+            s.due = t0 + iv.mul_f64(s.gi as f64 / cfg.common.conns as f64);
+        }
+        match s.st {
+            St::Ready => begin(s, i, &mut ctx, Instant::now(), false),
+            _ => {
+                if cfg.reconnect {
+                    open(s, i, &mut ctx);
+                } else {
+                    // failed in phase 1: retry now
+                    s.st = St::Backoff;
+                    s.timer_at = t0;
+                    ctx.timers.push(Reverse((t0, i)));
+                }
+            }
+        }
+    }
+    let mut next_scan = t0 + Duration::from_millis(50);
+    loop {
+        let now = Instant::now();
+        if now >= t_end {
+            break;
+        }
+        // timers due
+        while let Some(Reverse((at, i))) = ctx.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            ctx.timers.pop();
+            let s = &mut slots[i];
+            if s.timer_at != at {
+                continue;
+            }
+            match s.st {
+                St::Waiting => begin(s, i, &mut ctx, now, true),
+                St::Backoff => open(s, i, &mut ctx),
+                _ => {}
+            }
+        }
+        if now >= next_scan {
+            next_scan = now + Duration::from_millis(50);
+            for (i, s) in slots.iter_mut().enumerate() {
+                if now > s.deadline {
+                    match s.st {
+                        St::Connecting => fail(s, i, &mut ctx, "timeout_connect"),
+                        St::Sending | St::Receiving => fail(s, i, &mut ctx, "timeout_reply"),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        let mut wake = t_end.min(next_scan);
+        if let Some(Reverse((at, _))) = ctx.timers.peek() {
+            wake = wake.min(*at);
+        }
+        let timeout = wake.saturating_duration_since(Instant::now());
+        if let Err(e) = ctx.poll.poll(&mut events, Some(timeout)) {
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                ctx.stats.record_error("poll");
+                break;
+            }
+        }
+        for ev in events.iter() {
+            let i = ev.token().0;
+            drive(&mut slots[i], i, &mut ctx);
+        }
+    }
+    (ctx.stats, ctx.connects, ctx.late)
+}
+
+fn open(s: &mut Slot, i: usize, ctx: &mut Ctx) {
+    close(s, ctx);
+    let now = Instant::now();
+    s.connect_started = now;
+    match start_connect(ctx.cfg.common.target, ctx.cfg.common.source_for(s.gi)) {
+        Ok(mut stream) => {
+            if let Err(e) = ctx.poll.registry().register(
+                &mut stream,
+                Token(i),
+                Interest::READABLE | Interest::WRITABLE,
+            ) {
+                ctx.stats.record_error(&error_kind("register", &e));
+                backoff(s, i, ctx);
+                return;
+            }
+            s.stream = Some(stream);
+            s.st = St::Connecting;
+            s.deadline = now + ctx.cfg.common.timeout;
+        }
+        Err(e) => {
+            ctx.stats.record_error(&error_kind("connect", &e));
+            backoff(s, i, ctx);
+        }
+    }
+}
+
+fn close(s: &mut Slot, ctx: &mut Ctx) {
+    if let Some(mut stream) = s.stream.take() {
+        let _ = ctx.poll.registry().deregister(&mut stream);
+    }
+}
+
+fn backoff(s: &mut Slot, i: usize, ctx: &mut Ctx) {
+    close(s, ctx);
+    s.st = St::Backoff;
+    s.timer_at = Instant::now() + BACKOFF;
+    ctx.timers.push(Reverse((s.timer_at, i)));
+}
+
+fn fail(s: &mut Slot, i: usize, ctx: &mut Ctx, kind: &str) {
+    ctx.stats.record_error(kind);
+    backoff(s, i, ctx);
+}
+
+/// Start the next exchange on a connected slot (or schedule it, in rate mode).
+fn begin(s: &mut Slot, i: usize, ctx: &mut Ctx, now: Instant, by_timer: bool) {
+    if !ctx.measuring {
+        s.st = St::Ready;
+        return;
+    }
+    if ctx.cfg.reconnect {
+        s.origin = s.connect_started;
+    } else if let Some(iv) = ctx.interval {
+        if now < s.due {
+            s.st = St::Waiting;
+            s.timer_at = s.due;
+            ctx.timers.push(Reverse((s.due, i)));
+            return;
+        }
+        s.origin = if by_timer { now } else { s.due };
+        if now.duration_since(s.due) > Duration::from_millis(1) {
+            ctx.late += 1;
+        }
+        s.due += iv;
+    } else {
+        s.origin = now;
+    }
+    make_request(s.seq, ctx.cfg.size, &mut s.req);
+    s.written = 0;
+    s.reply.clear();
+    s.st = St::Sending;
+    s.deadline = now + ctx.cfg.common.timeout;
+    drive(s, i, ctx);
+}
+
+/// Make all the progress possible on one slot after a readiness event.
+fn drive(s: &mut Slot, i: usize, ctx: &mut Ctx) {
+    loop {
+        match s.st {
+            St::Connecting => {
+                let Some(stream) = s.stream.as_ref() else {
+                    return;
+                };
+                match connect_result(stream) {
+                    Ok(true) => {
+                        ctx.connects += 1;
+                        begin(s, i, ctx, Instant::now(), false);
+                        return;
+                    }
+                    Ok(false) => return,
+                    Err(e) => {
+                        let kind = error_kind("connect", &e);
+                        fail(s, i, ctx, &kind);
+                        return;
+                    }
+                }
+            }
+            St::Sending => {
+                let Some(stream) = s.stream.as_mut() else {
+                    return;
+                };
+                match stream.write(&s.req[s.written..]) {
+                    Ok(n) => {
+                        s.written += n;
+                        if s.written == s.req.len() {
+                            s.st = St::Receiving;
+                        }
+                    }
+                    Err(e) if would_block(&e) => return,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        let kind = error_kind("write", &e);
+                        fail(s, i, ctx, &kind);
+                        return;
+                    }
+                }
+            }
+            St::Receiving => {
+                let Some(stream) = s.stream.as_mut() else {
+                    return;
+                };
+                match stream.read(&mut ctx.rbuf) {
+                    Ok(0) => {
+                        fail(s, i, ctx, "eof_before_reply");
+                        return;
+                    }
+                    Ok(n) => {
+                        s.reply.extend_from_slice(&ctx.rbuf[..n]);
+                        if s.reply.len() < ctx.cfg.size {
+                            continue;
+                        }
+                        let now = Instant::now();
+                        if let Err(e) = check_reply(s.seq, ctx.cfg.size, &s.reply) {
+                            fail(s, i, ctx, e.kind());
+                            return;
+                        }
+                        if ctx.measuring {
+                            ctx.stats.record_ok(now.duration_since(s.origin));
+                        }
+                        s.seq += 1;
+                        if ctx.cfg.reconnect {
+                            open(s, i, ctx);
+                        } else {
+                            begin(s, i, ctx, now, false);
+                        }
+                        return;
+                    }
+                    Err(e) if would_block(&e) => return,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        let kind = error_kind("read", &e);
+                        fail(s, i, ctx, &kind);
+                        return;
+                    }
+                }
+            }
+            St::Ready | St::Waiting | St::Backoff => return,
+        }
+    }
+}
