@@ -5,3 +5,9 @@
 //! completions from io_uring. See docs/architecture.md for the map.
 
 pub mod balance;
+pub mod config;
+pub mod control;
+pub mod flow;
+pub mod net;
+pub mod snapshot;
+pub mod worker;

@@ -1,0 +1,508 @@
+//! Command-line flags and their validation into a `Config` (pure: no sockets, no DNS).
+//!
+//! Parsing is split in two steps so that every mistake an operator can make in a flag is caught
+//! here with a one-line message naming the flag (exit status 2), while problems that depend on the
+//! machine (a busy port, a name that does not resolve) are found later at start-up (exit status 1).
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use argh::FromArgs;
+
+use crate::balance::{HashKey, DEFAULT_VNODES};
+
+/// Ringway: a Layer-4 TCP proxy and load balancer on io_uring. Each client flow is pinned to one
+/// backend by consistent hashing of the client address; bytes are relayed both ways unchanged.
+#[derive(FromArgs, Debug, Default)]
+pub struct Flags {
+    /// address to accept clients on, e.g. 0.0.0.0:8080 or [::]:8080 (port 0 picks a free port)
+    #[argh(option)]
+    pub listen: Option<String>,
+
+    /// a backend as HOST:PORT[,weight=N][,backup]; repeat for each backend
+    #[argh(option)]
+    pub backend: Vec<String>,
+
+    /// worker threads, each pinned to one CPU (default: CPUs in this process's affinity mask)
+    #[argh(option)]
+    pub workers: Option<String>,
+
+    /// what identifies a flow for hashing: src-ip (default; a client keeps its backend) or src-ip-port
+    #[argh(option)]
+    pub hash_key: Option<String>,
+
+    /// points on the hash ring per unit of backend weight (default 160)
+    #[argh(option)]
+    pub vnodes: Option<String>,
+
+    /// seed of the stable flow-key hash; hosts that must agree on the mapping use the same seed (default 0)
+    #[argh(option)]
+    pub hash_seed: Option<String>,
+
+    /// how long a backend connect may take before the next backend is tried (default 3s)
+    #[argh(option)]
+    pub connect_timeout: Option<String>,
+
+    /// close a flow with no bytes in either direction for this long; 0 disables (default 10m)
+    #[argh(option)]
+    pub idle_timeout: Option<String>,
+
+    /// on connect failure, try up to N further distinct backends along the ring (default 2)
+    #[argh(option)]
+    pub retries: Option<String>,
+
+    /// most flows open at once in the process; at the limit new clients wait in the kernel backlog
+    /// (default: what the open-file limit allows, two descriptors per flow)
+    #[argh(option)]
+    pub max_conns: Option<String>,
+
+    /// bytes per relay buffer in each worker's buffer ring (default 16384)
+    #[argh(option)]
+    pub buffer_size: Option<String>,
+
+    /// buffers in each worker's buffer ring, a power of two up to 32768 (default 2048)
+    #[argh(option)]
+    pub buffers: Option<String>,
+
+    /// print the version and exit
+    #[argh(switch)]
+    pub version: bool,
+}
+
+/// One backend as configured. `name` is its identity for hashing: the address text exactly as
+/// written, so the mapping does not depend on list order or on what a hostname resolves to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendSpec {
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    pub weight: u32,
+    pub backup: bool,
+}
+
+/// Validated configuration. Every field has a value; defaults are applied here.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub backends: Vec<BackendSpec>,
+    /// `None`: one worker per CPU in the affinity mask (decided at start-up).
+    pub workers: Option<usize>,
+    pub hash_key: HashKey,
+    pub vnodes: u32,
+    pub hash_seed: u64,
+    pub connect_timeout: Duration,
+    /// `None`: flows are never closed for being idle.
+    pub idle_timeout: Option<Duration>,
+    pub retries: u32,
+    /// `None`: derived from the open-file limit at start-up.
+    pub max_conns: Option<usize>,
+    pub buffer_size: u32,
+    pub buffers: u16,
+}
+
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+pub const DEFAULT_RETRIES: u32 = 2;
+/// 16 KiB matches HAProxy's bufsize: large enough that a loopback or LAN burst fills few buffers,
+/// small enough that thousands of flows in flight fit in a modest pool.
+pub const DEFAULT_BUFFER_SIZE: u32 = 16 * 1024;
+/// 2048 x 16 KiB = 32 MiB of buffer address space per worker, touched only as traffic needs it.
+pub const DEFAULT_BUFFERS: u16 = 2048;
+/// The retry walk remembers tried backends in a small fixed array per flow.
+pub const MAX_RETRIES: u32 = 16;
+
+/// A configuration mistake: which flag, and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlagError {
+    pub flag: &'static str,
+    pub message: String,
+}
+
+impl fmt::Display for FlagError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.flag, self.message)
+    }
+}
+
+impl std::error::Error for FlagError {}
+
+fn flag_error(flag: &'static str, message: impl Into<String>) -> FlagError {
+    FlagError {
+        flag,
+        message: message.into(),
+    }
+}
+
+impl Config {
+    pub fn from_flags(flags: &Flags) -> Result<Config, FlagError> {
+        let listen_text = flags
+            .listen
+            .as_deref()
+            .ok_or_else(|| flag_error("--listen", "is required (e.g. --listen 0.0.0.0:8080)"))?;
+        let listen: SocketAddr = listen_text.parse().map_err(|_| {
+            flag_error(
+                "--listen",
+                format!(
+                    "'{listen_text}' is not an IP:PORT address (e.g. 0.0.0.0:8080 or [::]:8080)"
+                ),
+            )
+        })?;
+
+        if flags.backend.is_empty() {
+            return Err(flag_error(
+                "--backend",
+                "at least one is required (e.g. --backend 10.0.0.11:80)",
+            ));
+        }
+        let backends = flags
+            .backend
+            .iter()
+            .map(|text| parse_backend(text).map_err(|m| flag_error("--backend", m)))
+            .collect::<Result<Vec<_>, _>>()?;
+        check_unique_names(&backends)?;
+        if backends.iter().all(|b| b.weight == 0) {
+            return Err(flag_error("--backend", "every backend has weight 0"));
+        }
+
+        let workers = match &flags.workers {
+            None => None,
+            Some(text) => Some(parse_in_range("--workers", text, 1, 1024)? as usize),
+        };
+        let hash_key = match flags.hash_key.as_deref() {
+            None | Some("src-ip") => HashKey::SrcIp,
+            Some("src-ip-port") => HashKey::SrcIpPort,
+            Some(other) => {
+                return Err(flag_error(
+                    "--hash-key",
+                    format!("'{other}' is not one of src-ip, src-ip-port"),
+                ))
+            }
+        };
+        let vnodes = match &flags.vnodes {
+            None => DEFAULT_VNODES,
+            Some(text) => parse_in_range("--vnodes", text, 1, 100_000)? as u32,
+        };
+        let hash_seed = match &flags.hash_seed {
+            None => 0,
+            Some(text) => text.parse::<u64>().map_err(|_| {
+                flag_error(
+                    "--hash-seed",
+                    format!("'{text}' is not an unsigned integer"),
+                )
+            })?,
+        };
+        let connect_timeout = match &flags.connect_timeout {
+            None => DEFAULT_CONNECT_TIMEOUT,
+            Some(text) => match parse_duration(text) {
+                Ok(d) if !d.is_zero() => d,
+                Ok(_) => return Err(flag_error("--connect-timeout", "must be greater than 0")),
+                Err(m) => return Err(flag_error("--connect-timeout", m)),
+            },
+        };
+        let idle_timeout = match &flags.idle_timeout {
+            None => Some(DEFAULT_IDLE_TIMEOUT),
+            Some(text) => {
+                let d = parse_duration(text).map_err(|m| flag_error("--idle-timeout", m))?;
+                (!d.is_zero()).then_some(d)
+            }
+        };
+        let retries = match &flags.retries {
+            None => DEFAULT_RETRIES,
+            Some(text) => parse_in_range("--retries", text, 0, MAX_RETRIES as u64)? as u32,
+        };
+        let max_conns = match &flags.max_conns {
+            None => None,
+            Some(text) => Some(parse_in_range("--max-conns", text, 1, 100_000_000)? as usize),
+        };
+        let buffer_size = match &flags.buffer_size {
+            None => DEFAULT_BUFFER_SIZE,
+            Some(text) => parse_in_range("--buffer-size", text, 512, 1 << 20)? as u32,
+        };
+        let buffers = match &flags.buffers {
+            None => DEFAULT_BUFFERS,
+            Some(text) => {
+                let n = parse_in_range("--buffers", text, 16, 32768)?;
+                if !n.is_power_of_two() {
+                    return Err(flag_error(
+                        "--buffers",
+                        format!("{n} is not a power of two (the kernel's buffer ring needs one)"),
+                    ));
+                }
+                n as u16
+            }
+        };
+
+        Ok(Config {
+            listen,
+            backends,
+            workers,
+            hash_key,
+            vnodes,
+            hash_seed,
+            connect_timeout,
+            idle_timeout,
+            retries,
+            max_conns,
+            buffer_size,
+            buffers,
+        })
+    }
+}
+
+fn parse_in_range(flag: &'static str, text: &str, min: u64, max: u64) -> Result<u64, FlagError> {
+    let n: u64 = text
+        .parse()
+        .map_err(|_| flag_error(flag, format!("'{text}' is not an unsigned integer")))?;
+    if n < min || n > max {
+        return Err(flag_error(
+            flag,
+            format!("{n} is out of range ({min} to {max})"),
+        ));
+    }
+    Ok(n)
+}
+
+fn check_unique_names(backends: &[BackendSpec]) -> Result<(), FlagError> {
+    let mut names: Vec<&str> = backends.iter().map(|b| b.name.as_str()).collect();
+    names.sort_unstable();
+    match names.windows(2).find(|w| w[0] == w[1]) {
+        Some(w) => Err(flag_error(
+            "--backend",
+            format!(
+                "'{}' is given twice (use weight=N to give it more traffic)",
+                w[0]
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Parses `HOST:PORT[,weight=N][,backup]`. HOST may be an IPv4 address, a bracketed IPv6
+/// address or a hostname (resolved at start-up).
+pub fn parse_backend(text: &str) -> Result<BackendSpec, String> {
+    let mut parts = text.split(',');
+    let address = parts.next().unwrap_or_default().trim();
+    let (host, port) = split_host_port(address)
+        .ok_or_else(|| format!("'{text}' is not HOST:PORT[,weight=N][,backup]"))?;
+    let mut weight = 1u32;
+    let mut backup = false;
+    for option in parts {
+        let option = option.trim();
+        if option == "backup" {
+            backup = true;
+        } else if let Some(value) = option.strip_prefix("weight=") {
+            weight = value
+                .parse::<u32>()
+                .ok()
+                .filter(|w| *w <= 10_000)
+                .ok_or_else(|| format!("'{text}': weight must be an integer from 0 to 10000"))?;
+        } else {
+            return Err(format!(
+                "'{text}': unknown option '{option}' (known: weight=N, backup)"
+            ));
+        }
+    }
+    Ok(BackendSpec {
+        name: address.to_string(),
+        host: host.to_string(),
+        port,
+        weight,
+        backup,
+    })
+}
+
+fn split_host_port(address: &str) -> Option<(&str, u16)> {
+    let (host, port) = if let Some(rest) = address.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        (host, after.strip_prefix(':')?)
+    } else {
+        let (host, port) = address.rsplit_once(':')?;
+        if host.contains(':') {
+            return None; // unbracketed IPv6 is ambiguous
+        }
+        (host, port)
+    };
+    let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
+    let host_ok = !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '_'));
+    host_ok.then_some((host, port))
+}
+
+/// Parses `500ms`, `3s`, `10m`, `1h`, or `0`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if text == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("'{text}' has no unit (use ms, s, m or h, e.g. 3s)"))?;
+    let (number, unit) = text.split_at(split);
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("'{text}' is not a duration like 500ms, 3s, 10m or 1h"))?;
+    let millis_per_unit = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => {
+            return Err(format!(
+                "'{text}' has an unknown unit '{unit}' (use ms, s, m or h)"
+            ))
+        }
+    };
+    value
+        .checked_mul(millis_per_unit)
+        .filter(|ms| *ms <= 7 * 24 * 3_600_000)
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("'{text}' is longer than a week"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags(listen: &str, backends: &[&str]) -> Flags {
+        Flags {
+            listen: Some(listen.into()),
+            backend: backends.iter().map(|s| s.to_string()).collect(),
+            ..Flags::default()
+        }
+    }
+
+    #[test]
+    fn defaults_are_applied() {
+        let c = Config::from_flags(&flags("127.0.0.1:8080", &["10.0.0.1:80"])).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.hash_key, HashKey::SrcIp);
+        assert_eq!(c.vnodes, DEFAULT_VNODES);
+        assert_eq!(c.connect_timeout, Duration::from_secs(3));
+        assert_eq!(c.idle_timeout, Some(Duration::from_secs(600)));
+        assert_eq!(c.retries, 2);
+        assert_eq!(c.buffers, 2048);
+        assert_eq!(c.buffer_size, 16384);
+        assert_eq!(c.workers, None);
+        assert_eq!(c.max_conns, None);
+    }
+
+    #[test]
+    fn backend_forms() {
+        let b = parse_backend("10.0.0.12:80,weight=2").unwrap();
+        assert_eq!(
+            (b.host.as_str(), b.port, b.weight, b.backup),
+            ("10.0.0.12", 80, 2, false)
+        );
+        assert_eq!(b.name, "10.0.0.12:80");
+        let b = parse_backend("[::1]:9000,backup").unwrap();
+        assert_eq!((b.host.as_str(), b.port, b.backup), ("::1", 9000, true));
+        assert_eq!(b.name, "[::1]:9000");
+        let b = parse_backend("db-1.example.com:5432").unwrap();
+        assert_eq!((b.host.as_str(), b.port), ("db-1.example.com", 5432));
+        for bad in [
+            "nonsense",
+            "10.0.0.1",
+            "10.0.0.1:0",
+            "10.0.0.1:99999",
+            ":80",
+            "::1:80",
+            "10.0.0.1:80,weight=x",
+            "10.0.0.1:80,weight=-1",
+            "10.0.0.1:80,color=red",
+            "[::1]80",
+            "a b:80",
+        ] {
+            assert!(parse_backend(bad).is_err(), "{bad} should be rejected");
+        }
+    }
+
+    #[test]
+    fn errors_name_the_flag() {
+        let cases: &[(&str, Flags)] = &[
+            (
+                "--listen",
+                Flags {
+                    backend: vec!["1.2.3.4:5".into()],
+                    ..Flags::default()
+                },
+            ),
+            ("--listen", flags("localhost", &["1.2.3.4:5"])),
+            ("--backend", flags("0.0.0.0:1", &[])),
+            ("--backend", flags("0.0.0.0:1", &["nonsense"])),
+            ("--backend", flags("0.0.0.0:1", &["1.2.3.4:5", "1.2.3.4:5"])),
+            ("--backend", flags("0.0.0.0:1", &["1.2.3.4:5,weight=0"])),
+            (
+                "--workers",
+                Flags {
+                    workers: Some("0".into()),
+                    ..flags("0.0.0.0:1", &["1.2.3.4:5"])
+                },
+            ),
+            (
+                "--hash-key",
+                Flags {
+                    hash_key: Some("dst".into()),
+                    ..flags("0.0.0.0:1", &["1.2.3.4:5"])
+                },
+            ),
+            (
+                "--idle-timeout",
+                Flags {
+                    idle_timeout: Some("5parsecs".into()),
+                    ..flags("0.0.0.0:1", &["1.2.3.4:5"])
+                },
+            ),
+            (
+                "--connect-timeout",
+                Flags {
+                    connect_timeout: Some("0".into()),
+                    ..flags("0.0.0.0:1", &["1.2.3.4:5"])
+                },
+            ),
+            (
+                "--buffers",
+                Flags {
+                    buffers: Some("1000".into()),
+                    ..flags("0.0.0.0:1", &["1.2.3.4:5"])
+                },
+            ),
+            (
+                "--retries",
+                Flags {
+                    retries: Some("100".into()),
+                    ..flags("0.0.0.0:1", &["1.2.3.4:5"])
+                },
+            ),
+        ];
+        for (flag, f) in cases {
+            let err = Config::from_flags(f).unwrap_err();
+            assert_eq!(err.flag, *flag, "{f:?} gave {err}");
+            assert!(err.to_string().starts_with(flag));
+            assert!(!err.to_string().contains('\n'));
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("3s"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        for bad in ["", "5", "5parsecs", "s", "-1s", "1.5s", "99999999999999h"] {
+            assert!(parse_duration(bad).is_err(), "{bad} should be rejected");
+        }
+    }
+
+    #[test]
+    fn idle_timeout_zero_disables() {
+        let f = Flags {
+            idle_timeout: Some("0".into()),
+            ..flags("[::]:80", &["[::1]:81"])
+        };
+        assert_eq!(Config::from_flags(&f).unwrap().idle_timeout, None);
+    }
+}

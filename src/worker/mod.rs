@@ -1,0 +1,852 @@
+//! One worker thread: its own io_uring ring, SO_REUSEPORT listener, buffer ring, timer wheel
+//! and flows. Nothing here is shared with other workers except the process-wide flow counter
+//! (one atomic add per flow) and the immutable snapshot of backends.
+//!
+//! The event loop submits, waits for completions, and routes each completion by its token to
+//! the flow state machine (`crate::flow`), then carries out the operations the flow asks for.
+
+mod bufring;
+mod ring;
+mod timer;
+mod token;
+
+use std::collections::VecDeque;
+use std::io::{self, Read};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use log::{debug, error, warn};
+use slab::Slab;
+use socket2::{SockRef, Socket};
+
+use crate::balance::{flow_key_hash, HashKey};
+use crate::flow::{CloseReason, Ending, Flow, Limits, Op, Phase, Side};
+use crate::net;
+use crate::snapshot::Snapshot;
+use bufring::BufRing;
+pub use ring::{new_ring, RingError};
+use timer::TimerWheel;
+use token::{Kind, Token};
+
+/// Messages from the control thread. Each is followed by a byte on the worker's wake pipe.
+pub enum Command {
+    /// Route new flows by this snapshot from now on.
+    Snapshot(Arc<Snapshot>),
+    /// Stop accepting, close every flow, and end the thread.
+    Stop,
+}
+
+/// Everything a worker needs, handed over when its thread starts.
+pub struct WorkerSetup {
+    pub id: usize,
+    pub listener: Socket,
+    pub snapshot: Arc<Snapshot>,
+    pub commands: Receiver<Command>,
+    pub wake: std::io::PipeReader,
+    pub settings: Settings,
+    /// Flows open in the whole process, for `max_conns`.
+    pub active_flows: Arc<AtomicUsize>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub hash_key: HashKey,
+    pub hash_seed: u64,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Option<Duration>,
+    pub retries: u32,
+    pub max_conns: usize,
+    pub buffer_size: u32,
+    pub buffers: u16,
+}
+
+/// Buffers a pipe may hold before its recv pauses: 4 x 16 KiB keeps a bulk flow streaming while
+/// a slow reader ties up at most 64 KiB per direction.
+const MAX_QUEUED_BUFFERS: usize = 4;
+/// Submission queue entries; the completion queue is 4x larger because multishot operations
+/// post many completions per submission.
+const RING_ENTRIES: u32 = 4096;
+const BUFFER_GROUP: u16 = 0;
+/// How long accepting pauses after EMFILE/ENFILE before trying again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// One accepted flow and the resources the worker holds for it.
+struct Slot {
+    generation: u32,
+    flow: Flow,
+    client: OwnedFd,
+    backend: Option<Socket>,
+    client_addr: SocketAddr,
+    key_hash: u64,
+    backend_index: Option<usize>,
+    /// Backends already tried by this flow's connect attempts.
+    tried: Vec<u32>,
+    /// Tick of the last byte moved either way.
+    last_active: u64,
+    /// Filed in the timer wheel for the idle timeout.
+    timer_filed: bool,
+}
+
+/// Why accepting is paused, if it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AcceptState {
+    Armed,
+    /// A cancel was submitted (limit reached, backoff, or stop); waiting for the final completion.
+    Cancelling,
+    /// Not armed; re-armed when there is room (`max_conns`) or the backoff tick passes.
+    Paused,
+    /// The listener is closed for good.
+    Closed,
+}
+
+struct Worker {
+    // Field order is drop order: the ring goes first, so the kernel stops using the buffers,
+    // timespecs and wake buffer declared after it before they are freed.
+    ring: IoUring,
+    bufring: BufRing,
+    wake_buf: Box<[u8; 64]>,
+    connect_timespec: Box<types::Timespec>,
+    tick_timespec: Box<types::Timespec>,
+    wake: std::io::PipeReader,
+    listener: Option<Socket>,
+    id: usize,
+    settings: Settings,
+    limits: Limits,
+    snapshot: Arc<Snapshot>,
+    /// Snapshots replaced since the last submit: connect SQEs still in the submission queue may
+    /// point at their addresses, which the kernel copies only when it reads the SQE.
+    retired: Vec<Arc<Snapshot>>,
+    commands: Receiver<Command>,
+    active_flows: Arc<AtomicUsize>,
+    slots: Slab<Slot>,
+    next_generation: u32,
+    ops: Vec<Op>,
+    completions: Vec<(u64, i32, u32)>,
+    starved: VecDeque<(u32, u32)>,
+    parked: VecDeque<OwnedFd>,
+    accept: AcceptState,
+    accept_resume_at: Option<Instant>,
+    timers: TimerWheel,
+    due: Vec<(u32, u32)>,
+    started: Instant,
+    tick: Duration,
+    idle_ticks: Option<u64>,
+    stopping: bool,
+    accept_errors: RateLimited,
+}
+
+/// Runs a worker on the current thread until it is told to stop. Ring set-up errors are
+/// returned before the loop starts, through `ready`.
+pub fn run(setup: WorkerSetup, ready: crossbeam_channel::Sender<Result<(), String>>) {
+    let mut worker = match Worker::new(setup) {
+        Ok(worker) => {
+            let _ = ready.send(Ok(()));
+            worker
+        }
+        Err(message) => {
+            let _ = ready.send(Err(message));
+            return;
+        }
+    };
+    if let Err(e) = worker.event_loop() {
+        error!("worker {}: event loop failed: {e}", worker.id);
+    }
+    worker.shutdown_ring();
+}
+
+impl Worker {
+    fn new(setup: WorkerSetup) -> Result<Worker, String> {
+        let settings = setup.settings;
+        let ring = new_ring(RING_ENTRIES).map_err(|e| e.to_string())?;
+        let bufring = BufRing::new(&ring, BUFFER_GROUP, settings.buffers, settings.buffer_size)
+            .map_err(|e| {
+                format!(
+                    "cannot register the io_uring buffer ring ({e}); Ringway needs Linux 6.0 or newer"
+                )
+            })?;
+        // The tick drives idle timeouts and accept back-off: an eighth of the idle timeout keeps
+        // timeouts within ~12% of their setting, capped so back-off and limits react quickly.
+        let tick = settings
+            .idle_timeout
+            .map(|idle| idle / 8)
+            .unwrap_or(Duration::from_millis(250))
+            .clamp(Duration::from_millis(10), Duration::from_millis(250));
+        let idle_ticks = settings
+            .idle_timeout
+            .map(|idle| (idle.as_nanos() / tick.as_nanos()).max(1) as u64);
+        let limits = Limits {
+            retries: settings.retries,
+            max_queued: MAX_QUEUED_BUFFERS,
+        };
+        Ok(Worker {
+            ring,
+            bufring,
+            wake_buf: Box::new([0; 64]),
+            connect_timespec: Box::new(timespec(settings.connect_timeout)),
+            tick_timespec: Box::new(timespec(tick)),
+            wake: setup.wake,
+            listener: Some(setup.listener),
+            id: setup.id,
+            limits,
+            settings,
+            snapshot: setup.snapshot,
+            retired: Vec::new(),
+            commands: setup.commands,
+            active_flows: setup.active_flows,
+            slots: Slab::new(),
+            next_generation: 1,
+            ops: Vec::with_capacity(16),
+            completions: Vec::with_capacity(1024),
+            starved: VecDeque::new(),
+            parked: VecDeque::new(),
+            accept: AcceptState::Paused,
+            accept_resume_at: None,
+            timers: TimerWheel::new(512),
+            due: Vec::new(),
+            started: Instant::now(),
+            tick,
+            idle_ticks,
+            stopping: false,
+            accept_errors: RateLimited::new(),
+        })
+    }
+
+    fn event_loop(&mut self) -> io::Result<()> {
+        self.arm_accept();
+        self.arm_wake();
+        self.arm_tick();
+        loop {
+            let returned = self.bufring.publish();
+            if returned > 0 {
+                self.wake_starved(returned as usize);
+            }
+            if self.stopping && self.slots.is_empty() && self.accept == AcceptState::Closed {
+                return Ok(());
+            }
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => self.retired.clear(),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                // The completion queue overflowed: reap before submitting more.
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+                Err(e) => return Err(e),
+            }
+            self.completions.clear();
+            self.reap();
+            // `reap` may append more while these are handled (see `submit_pending`).
+            let mut next = 0;
+            while next < self.completions.len() {
+                let (user_data, res, flags) = self.completions[next];
+                next += 1;
+                self.on_completion(user_data, res, flags);
+            }
+        }
+    }
+
+    /// Moves every posted completion into `completions`.
+    fn reap(&mut self) {
+        for cqe in self.ring.completion() {
+            self.completions
+                .push((cqe.user_data(), cqe.result(), cqe.flags()));
+        }
+    }
+
+    fn on_completion(&mut self, user_data: u64, res: i32, flags: u32) {
+        let Some(token) = Token::decode(user_data) else {
+            return;
+        };
+        match token.kind {
+            Kind::Accept => self.on_accept(res, cqueue::more(flags)),
+            Kind::AcceptCancel => {}
+            Kind::Wake => self.on_wake(res),
+            Kind::Tick => self.on_tick(),
+            _ => self.on_flow_completion(token, res, flags),
+        }
+    }
+
+    // ---- accepting -------------------------------------------------------------------------
+
+    fn arm_accept(&mut self) {
+        if self.stopping || self.accept != AcceptState::Paused {
+            return;
+        }
+        let Some(listener) = &self.listener else {
+            return;
+        };
+        let entry = opcode::AcceptMulti::new(types::Fd(listener.as_raw_fd()))
+            .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+            .build()
+            .user_data(Token::worker(Kind::Accept).encode());
+        self.push(entry);
+        self.accept = AcceptState::Armed;
+    }
+
+    fn cancel_accept(&mut self) {
+        if self.accept == AcceptState::Armed {
+            let entry = opcode::AsyncCancel::new(Token::worker(Kind::Accept).encode())
+                .build()
+                .user_data(Token::worker(Kind::AcceptCancel).encode());
+            self.push(entry);
+            self.accept = AcceptState::Cancelling;
+        }
+    }
+
+    fn has_room(&self) -> bool {
+        self.active_flows.load(Ordering::Relaxed) < self.settings.max_conns
+    }
+
+    fn on_accept(&mut self, res: i32, more: bool) {
+        if !more {
+            self.accept = AcceptState::Paused;
+        }
+        if res >= 0 {
+            // SAFETY: a successful accept completion hands us a new descriptor that nothing else
+            // owns; OwnedFd closes it exactly once.
+            let fd = unsafe { OwnedFd::from_raw_fd(res as RawFd) };
+            if self.stopping {
+                return; // dropped: closed
+            }
+            if self.has_room() && self.parked.is_empty() {
+                self.start_flow(fd);
+            } else {
+                // Over the limit: hold it like the kernel backlog would, and stop accepting.
+                self.parked.push_back(fd);
+            }
+            if !self.has_room() {
+                self.cancel_accept();
+            }
+        } else {
+            match -res {
+                libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM => {
+                    self.accept_errors.warn(|suppressed| {
+                        format!(
+                            "worker {}: accept failed: {} ({suppressed} more since last report); \
+                             pausing accepts for {ACCEPT_BACKOFF:?}, open flows keep running",
+                            self.id,
+                            io::Error::from_raw_os_error(-res)
+                        )
+                    });
+                    self.accept_resume_at = Some(Instant::now() + ACCEPT_BACKOFF);
+                    self.cancel_accept();
+                }
+                libc::ECANCELED => {}
+                errno => debug!(
+                    "worker {}: accept error: {}",
+                    self.id,
+                    io::Error::from_raw_os_error(errno)
+                ),
+            }
+        }
+        if self.accept == AcceptState::Paused {
+            if self.stopping {
+                self.close_listener();
+            } else if self.accept_resume_at.is_none() && self.has_room() {
+                self.arm_accept();
+            }
+        }
+    }
+
+    fn close_listener(&mut self) {
+        self.listener = None;
+        self.accept = AcceptState::Closed;
+        self.parked.clear();
+    }
+
+    /// Serve parked connections and resume accepting when there is room again.
+    fn resume_accepting(&mut self) {
+        if self.stopping {
+            return;
+        }
+        while self.has_room() {
+            let Some(fd) = self.parked.pop_front() else {
+                break;
+            };
+            self.start_flow(fd);
+        }
+        if let Some(at) = self.accept_resume_at {
+            if Instant::now() < at {
+                return;
+            }
+            self.accept_resume_at = None;
+        }
+        if self.has_room() && self.parked.is_empty() {
+            self.arm_accept();
+        }
+    }
+
+    // ---- flows -----------------------------------------------------------------------------
+
+    fn start_flow(&mut self, client: OwnedFd) {
+        let client_addr = match SockRef::from(&client).peer_addr().map(|a| a.as_socket()) {
+            Ok(Some(addr)) => addr,
+            // The client is already gone (reset while queued): nothing to serve.
+            _ => return,
+        };
+        let _ = SockRef::from(&client).set_tcp_nodelay(true);
+        self.active_flows.fetch_add(1, Ordering::Relaxed);
+        let generation = self.next_generation;
+        self.next_generation = (self.next_generation + 1) & token::GENERATION_MASK;
+        let key_hash = flow_key_hash(
+            &client_addr,
+            self.settings.hash_key,
+            self.settings.hash_seed,
+        );
+        let slot = self.slots.insert(Slot {
+            generation,
+            flow: Flow::new(self.limits),
+            client,
+            backend: None,
+            client_addr,
+            key_hash,
+            backend_index: None,
+            tried: Vec::new(),
+            last_active: self.timers.now(),
+            timer_filed: false,
+        });
+        let mut ops = std::mem::take(&mut self.ops);
+        self.slots[slot].flow.start(&mut ops);
+        self.apply(slot, &mut ops);
+        self.ops = ops;
+    }
+
+    fn on_flow_completion(&mut self, token: Token, res: i32, flags: u32) {
+        let index = token.slot as usize;
+        match self.slots.get(index) {
+            Some(slot) if slot.generation == token.generation => {}
+            // Stale: the flow that issued it is gone. Only a recv can still hold a buffer.
+            _ => {
+                if let Some(bid) = cqueue::buffer_select(flags) {
+                    self.bufring.give_back(bid);
+                }
+                return;
+            }
+        }
+        let mut ops = std::mem::take(&mut self.ops);
+        let now = self.timers.now();
+        let slot = &mut self.slots[index];
+        match token.kind {
+            Kind::Connect => {
+                if res < 0 {
+                    if let Some(i) = slot.backend_index {
+                        debug!(
+                            "flow {} -> {}: connect failed: {}",
+                            slot.client_addr,
+                            self.snapshot
+                                .backends
+                                .get(i)
+                                .map_or("?", |b| b.name.as_str()),
+                            io::Error::from_raw_os_error(-res)
+                        );
+                    }
+                }
+                slot.flow.on_connect(res, &mut ops);
+                if slot.flow.phase() == Phase::Relaying && !slot.timer_filed {
+                    slot.last_active = now;
+                    if let Some(idle) = self.idle_ticks {
+                        slot.timer_filed = true;
+                        self.timers
+                            .schedule(now + idle, (token.slot, token.generation));
+                    }
+                }
+            }
+            Kind::LinkTimeout => slot.flow.on_link_timeout(&mut ops),
+            Kind::Recv(side) => {
+                let buf = cqueue::buffer_select(flags);
+                if buf.is_some() {
+                    self.bufring.take();
+                }
+                slot.last_active = now;
+                slot.flow
+                    .on_recv(side, res, buf, cqueue::more(flags), &mut ops);
+            }
+            Kind::RecvCancel(side) => slot.flow.on_recv_cancelled(side, &mut ops),
+            Kind::Send(side) => {
+                slot.last_active = now;
+                slot.flow.on_send(side, res, &mut ops);
+            }
+            Kind::Shutdown(side) => slot.flow.on_shutdown(side, res, &mut ops),
+            Kind::CancelAll(_) => slot.flow.on_cancel_all_done(&mut ops),
+            Kind::Accept | Kind::AcceptCancel | Kind::Wake | Kind::Tick => {}
+        }
+        self.apply(index, &mut ops);
+        self.ops = ops;
+    }
+
+    /// Carries out a flow's operations; some (a connect with no backend left) feed the flow
+    /// again, so this runs until the list is empty.
+    fn apply(&mut self, index: usize, ops: &mut Vec<Op>) {
+        let mut next = 0;
+        while next < ops.len() {
+            let op = ops[next];
+            next += 1;
+            match op {
+                Op::ReturnBuffer(bid) => self.bufring.give_back(bid),
+                Op::Release(ending) => {
+                    self.release(index, ending);
+                    // Nothing may follow a release: the slot is gone.
+                    break;
+                }
+                op => {
+                    let mut more = Vec::new();
+                    self.submit_op(index, op, &mut more);
+                    ops.extend(more);
+                }
+            }
+        }
+        ops.clear();
+    }
+
+    fn submit_op(&mut self, index: usize, op: Op, more: &mut Vec<Op>) {
+        let slot = &mut self.slots[index];
+        let generation = slot.generation;
+        let token = |kind| Token::new(index, generation, kind).encode();
+        let fd = |slot: &Slot, side: Side| match side {
+            Side::Client => Some(slot.client.as_raw_fd()),
+            Side::Backend => slot.backend.as_ref().map(|s| s.as_raw_fd()),
+        };
+        let entry = match op {
+            Op::Connect => {
+                self.connect_next(index, more);
+                return;
+            }
+            Op::Recv(side) => {
+                let Some(fd) = fd(slot, side) else { return };
+                opcode::RecvMulti::new(types::Fd(fd), self.bufring.group())
+                    .build()
+                    .user_data(token(Kind::Recv(side)))
+            }
+            Op::CancelRecv(side) => opcode::AsyncCancel::new(token(Kind::Recv(side)))
+                .build()
+                .user_data(token(Kind::RecvCancel(side))),
+            Op::Send {
+                to,
+                buf,
+                offset,
+                len,
+            } => {
+                let Some(fd) = fd(slot, to) else { return };
+                // SAFETY (pointer arithmetic): offset + len <= buffer size because the flow only
+                // sends bytes the kernel wrote into this buffer.
+                let ptr = self.bufring.buffer(buf).wrapping_add(offset as usize);
+                opcode::Send::new(types::Fd(fd), ptr, len)
+                    .flags(libc::MSG_NOSIGNAL)
+                    .build()
+                    .user_data(token(Kind::Send(to)))
+            }
+            Op::Shutdown(side) => {
+                let Some(fd) = fd(slot, side) else { return };
+                opcode::Shutdown::new(types::Fd(fd), libc::SHUT_WR)
+                    .build()
+                    .user_data(token(Kind::Shutdown(side)))
+            }
+            Op::CancelAll(side) => {
+                let Some(fd) = fd(slot, side) else {
+                    // No socket yet: nothing can be in flight on it.
+                    slot.flow.on_cancel_all_done(more);
+                    return;
+                };
+                opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all())
+                    .build()
+                    .user_data(token(Kind::CancelAll(side)))
+            }
+            Op::WaitForBuffers => {
+                self.starved.push_back((index as u32, generation));
+                return;
+            }
+            Op::ReturnBuffer(_) | Op::Release(_) => return,
+        };
+        self.push(entry);
+    }
+
+    /// Picks the next untried healthy backend for the flow and submits a connect to it with a
+    /// linked timeout.
+    fn connect_next(&mut self, index: usize, more: &mut Vec<Op>) {
+        let snapshot = Arc::clone(&self.snapshot);
+        let slot = &mut self.slots[index];
+        slot.backend = None; // a failed attempt's socket: its connect has completed
+        loop {
+            let tried = &slot.tried;
+            let Some(backend) = snapshot.choose(slot.key_hash, |i| !tried.contains(&(i as u32)))
+            else {
+                slot.flow.abort(CloseReason::NoBackend, more);
+                return;
+            };
+            slot.tried.push(backend as u32);
+            let target = &snapshot.backends[backend];
+            let socket = match net::backend_socket(&target.addr) {
+                Ok(socket) => socket,
+                Err(e) => {
+                    warn!(
+                        "flow {}: cannot open a socket to {}: {e}",
+                        slot.client_addr, target.name
+                    );
+                    if slot.tried.len() as u32 > self.settings.retries {
+                        slot.flow.abort(CloseReason::ConnectFailed, more);
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let token = |kind| Token::new(index, slot.generation, kind).encode();
+            let connect = opcode::Connect::new(
+                types::Fd(socket.as_raw_fd()),
+                target.sockaddr.as_ptr() as *const libc::sockaddr,
+                target.sockaddr.len(),
+            )
+            .build()
+            .flags(squeue::Flags::IO_LINK)
+            .user_data(token(Kind::Connect));
+            let timeout =
+                opcode::LinkTimeout::new(&*self.connect_timespec as *const types::Timespec)
+                    .build()
+                    .user_data(token(Kind::LinkTimeout));
+            slot.backend = Some(socket);
+            slot.backend_index = Some(backend);
+            slot.flow.on_connect_submitted();
+            // The two must be adjacent in the submission queue for the link to hold.
+            self.push_linked(connect, timeout);
+            return;
+        }
+    }
+
+    fn release(&mut self, index: usize, ending: Ending) {
+        let slot = self.slots.remove(index);
+        if ending.reset_client {
+            let _ = SockRef::from(&slot.client).set_linger(Some(Duration::ZERO));
+        }
+        if let (true, Some(backend)) = (ending.reset_backend, &slot.backend) {
+            let _ = backend.set_linger(Some(Duration::ZERO));
+        }
+        let (up, down) = slot.flow.bytes();
+        debug!(
+            "flow {} -> {} closed ({:?}): {} bytes up, {} bytes down, {} connect attempts",
+            slot.client_addr,
+            slot.backend_index
+                .and_then(|i| self.snapshot.backends.get(i))
+                .map_or("-", |b| b.name.as_str()),
+            ending.reason,
+            up,
+            down,
+            slot.flow.connect_attempts()
+        );
+        if matches!(
+            ending.reason,
+            CloseReason::NoBackend | CloseReason::ConnectFailed
+        ) {
+            self.accept_errors.warn(|suppressed| {
+                format!(
+                    "flow {}: no backend could be reached ({:?}, {suppressed} similar since last report)",
+                    slot.client_addr, ending.reason
+                )
+            });
+        }
+        drop(slot); // closes both sockets
+        self.active_flows.fetch_sub(1, Ordering::Relaxed);
+        if self.accept != AcceptState::Armed {
+            self.resume_accepting();
+        }
+    }
+
+    /// Re-arm recvs of flows that ran out of buffers, at most one flow per returned buffer.
+    fn wake_starved(&mut self, mut budget: usize) {
+        while budget > 0 {
+            let Some((index, generation)) = self.starved.pop_front() else {
+                return;
+            };
+            let mut ops = std::mem::take(&mut self.ops);
+            if let Some(slot) = self.slots.get_mut(index as usize) {
+                if slot.generation == generation && slot.flow.is_starved() {
+                    slot.flow.on_buffers_available(&mut ops);
+                    budget -= 1;
+                }
+            }
+            self.apply(index as usize, &mut ops);
+            self.ops = ops;
+        }
+    }
+
+    // ---- control and time ------------------------------------------------------------------
+
+    fn arm_wake(&mut self) {
+        let entry = opcode::Read::new(
+            types::Fd(self.wake.as_raw_fd()),
+            self.wake_buf.as_mut_ptr(),
+            self.wake_buf.len() as u32,
+        )
+        .build()
+        .user_data(Token::worker(Kind::Wake).encode());
+        self.push(entry);
+    }
+
+    fn on_wake(&mut self, res: i32) {
+        while let Ok(command) = self.commands.try_recv() {
+            match command {
+                Command::Snapshot(snapshot) => {
+                    let old = std::mem::replace(&mut self.snapshot, snapshot);
+                    self.retired.push(old);
+                }
+                Command::Stop => self.stop(),
+            }
+        }
+        if res > 0 && !self.stopping {
+            self.arm_wake();
+        } else if res <= 0 && !self.stopping {
+            // The control side is gone (EOF) or the read failed: nobody can stop us any more
+            // except a signal to the process, which the control thread handles; stop cleanly.
+            let mut sink = [0u8; 64];
+            let _ = self.wake.read(&mut sink);
+            self.stop();
+        }
+    }
+
+    fn stop(&mut self) {
+        if self.stopping {
+            return;
+        }
+        self.stopping = true;
+        self.parked.clear();
+        match self.accept {
+            AcceptState::Armed => self.cancel_accept(),
+            AcceptState::Paused => self.close_listener(),
+            AcceptState::Cancelling | AcceptState::Closed => {}
+        }
+        let live: Vec<usize> = self.slots.iter().map(|(i, _)| i).collect();
+        for index in live {
+            let mut ops = std::mem::take(&mut self.ops);
+            if let Some(slot) = self.slots.get_mut(index) {
+                slot.flow.abort(CloseReason::Shutdown, &mut ops);
+            }
+            self.apply(index, &mut ops);
+            self.ops = ops;
+        }
+    }
+
+    fn arm_tick(&mut self) {
+        let entry = opcode::Timeout::new(&*self.tick_timespec as *const types::Timespec)
+            .build()
+            .user_data(Token::worker(Kind::Tick).encode());
+        self.push(entry);
+    }
+
+    fn on_tick(&mut self) {
+        let now = (self.started.elapsed().as_nanos() / self.tick.as_nanos()) as u64;
+        let mut due = std::mem::take(&mut self.due);
+        self.timers.advance(now, &mut due);
+        for (index, generation) in due.drain(..) {
+            let Some(slot) = self.slots.get_mut(index as usize) else {
+                continue;
+            };
+            if slot.generation != generation || slot.flow.phase() == Phase::Closing {
+                continue;
+            }
+            let Some(idle) = self.idle_ticks else {
+                continue;
+            };
+            let deadline = slot.last_active + idle;
+            if deadline <= now {
+                debug!("flow {}: idle timeout", slot.client_addr);
+                let mut ops = std::mem::take(&mut self.ops);
+                slot.flow.abort(CloseReason::IdleTimeout, &mut ops);
+                self.apply(index as usize, &mut ops);
+                self.ops = ops;
+            } else {
+                self.timers.schedule(deadline, (index, generation));
+            }
+        }
+        self.due = due;
+        if self.accept == AcceptState::Paused {
+            self.resume_accepting();
+        }
+        if !self.stopping || !self.slots.is_empty() {
+            self.arm_tick();
+        }
+    }
+
+    // ---- submission ------------------------------------------------------------------------
+
+    fn push(&mut self, entry: squeue::Entry) {
+        loop {
+            // SAFETY: every pointer in an entry built by this worker (buffers from the buffer
+            // ring, the wake buffer, timespecs, backend socket addresses held by a live snapshot
+            // in `snapshot` or `retired`) stays valid until the kernel has consumed the entry
+            // and, for buffers, until the operation's completion has been handled.
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                return;
+            }
+            self.submit_pending();
+        }
+    }
+
+    fn push_linked(&mut self, first: squeue::Entry, second: squeue::Entry) {
+        loop {
+            let mut sq = self.ring.submission();
+            if sq.capacity() - sq.len() >= 2 {
+                // SAFETY: as in `push`; the connect's address is the backend's SockAddr in the
+                // current snapshot, kept alive (in `retired` if replaced) until after submit.
+                unsafe {
+                    let _ = sq.push(&first);
+                    let _ = sq.push(&second);
+                }
+                return;
+            }
+            drop(sq);
+            self.submit_pending();
+        }
+    }
+
+    /// The submission queue is full: hand it to the kernel now.
+    fn submit_pending(&mut self) {
+        match self.ring.submit() {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                // Completion queue overflow: make room by reaping (handled in this same loop
+                // turn), then the caller retries its push.
+                self.reap();
+            }
+            Err(e) => warn!("worker {}: submit failed: {e}", self.id),
+        }
+    }
+
+    fn shutdown_ring(&mut self) {
+        self.bufring.unregister(&self.ring);
+    }
+}
+
+fn timespec(d: Duration) -> types::Timespec {
+    types::Timespec::new()
+        .sec(d.as_secs())
+        .nsec(d.subsec_nanos())
+}
+
+/// A warning that is logged at most once a second, with a count of what it held back.
+struct RateLimited {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimited {
+    fn new() -> RateLimited {
+        RateLimited {
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    fn warn(&mut self, message: impl FnOnce(u64) -> String) {
+        let now = Instant::now();
+        match self.last {
+            Some(last) if now.duration_since(last) < Duration::from_secs(1) => {
+                self.suppressed += 1;
+            }
+            _ => {
+                warn!("{}", message(self.suppressed));
+                self.last = Some(now);
+                self.suppressed = 0;
+            }
+        }
+    }
+}
