@@ -21,8 +21,11 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
 use xxhash_rust::xxh3::Xxh3Default;
 
-/// The binary under test.
-pub const BIN: &str = env!("CARGO_BIN_EXE_ringway");
+/// The binary under test: the one cargo built, unless `RINGWAY_TEST_BIN` names another build
+/// (e.g. a release build) to run the same tests against.
+pub fn bin() -> String {
+    std::env::var("RINGWAY_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_ringway").into())
+}
 
 /// How long the proxy may take to print its `listening on` line.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -111,7 +114,7 @@ pub fn parse_listening(line: &str) -> Option<SocketAddr> {
 }
 
 fn base_command<S: AsRef<OsStr>>(args: &[S]) -> Command {
-    let mut cmd = Command::new(BIN);
+    let mut cmd = Command::new(bin());
     cmd.args(args)
         .env(
             "RUST_LOG",
