@@ -1,8 +1,12 @@
 //! The worker's provided-buffer ring: a pool of equal buffers that the kernel picks from when a
 //! multishot recv has data, so an idle flow holds no user-space buffer at all.
 //!
-//! Buffers go back to the ring (at its tail) when the send that carried their bytes completes.
-//! Returns are published to the kernel in one tail update per event-loop turn (`publish`).
+//! Buffers come back when the send that carried their bytes completes. They go first onto a
+//! free stack, and `publish` (once per event-loop turn) tops the ring up from the top of that
+//! stack to a target that follows demand. The kernel consumes the ring in FIFO order, so feeding
+//! it from a LIFO stack keeps the same few hot buffers cycling through the cache: with light
+//! traffic a worker touches a few hundred KiB, not its whole pool, and its resident memory stays
+//! small until load really needs more.
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::io;
@@ -23,11 +27,19 @@ pub struct BufRing {
     memory_layout: Layout,
     /// Our copy of the tail; the shared one is written by `publish`.
     tail: u16,
-    /// Buffers handed back since the last `publish`.
-    returned_since_publish: u32,
+    /// Buffers neither in the ring nor lent out; the most recently returned on top.
+    free: Vec<BufId>,
+    /// Buffers placed in the ring and not yet seen in a completion. The kernel may have used
+    /// some already, so this is an upper bound, which keeps the tail from lapping the head.
+    in_ring: u32,
     /// Buffers currently owned by user space (received, not yet returned).
-    pub lent: u32,
+    lent: u32,
+    /// Extra ring depth after the ring ran dry; halves on every tick without a shortage.
+    boost: u32,
 }
+
+/// Buffers kept in the ring beyond twice those lent out.
+const BASE_DEPTH: u32 = 64;
 
 impl BufRing {
     /// Allocates `entries` buffers of `buffer_size` bytes and registers them as group `group`.
@@ -38,8 +50,10 @@ impl BufRing {
             4096,
         )
         .map_err(io::Error::other)?;
+        // Alignment 16 lets the allocator use calloc, whose large blocks are fresh zero pages
+        // from mmap: untouched buffers cost no resident memory.
         let memory_layout =
-            Layout::from_size_align(usize::from(entries) * buffer_size as usize, 4096)
+            Layout::from_size_align(usize::from(entries) * buffer_size as usize, 16)
                 .map_err(io::Error::other)?;
         // SAFETY: both layouts have a non-zero size (entries >= 16 and buffer_size >= 512 are
         // enforced by the config); the pointers are freed in Drop with the same layouts.
@@ -64,8 +78,10 @@ impl BufRing {
             memory,
             memory_layout,
             tail: 0,
-            returned_since_publish: 0,
-            lent: u32::from(entries),
+            free: (0..entries).rev().collect(),
+            in_ring: 0,
+            lent: 0,
+            boost: 0,
         };
         // SAFETY: `ring_ptr` points to `entries` zeroed, page-aligned entries that stay allocated
         // until this BufRing is dropped, which happens only after the ring is unregistered
@@ -74,9 +90,6 @@ impl BufRing {
         unsafe {
             ring.submitter()
                 .register_buf_ring_with_flags(ring_ptr as u64, entries, group, 0)?;
-        }
-        for bid in 0..entries {
-            this.give_back(bid);
         }
         this.publish();
         Ok(this)
@@ -99,30 +112,49 @@ impl BufRing {
     /// A buffer the kernel filled now belongs to user space until `give_back`.
     pub fn take(&mut self) {
         self.lent += 1;
+        self.in_ring = self.in_ring.saturating_sub(1);
     }
 
-    /// Puts buffer `bid` back at the tail of the ring (visible to the kernel after `publish`).
+    /// Buffer `bid` is free again (its bytes were sent or dropped).
     pub fn give_back(&mut self, bid: BufId) {
-        let mask = self.entries - 1;
-        // SAFETY: the index is masked into 0..entries, inside the ring allocation; the kernel
-        // only reads entries between its head and the published tail, and this one is past the
-        // published tail until `publish`.
-        unsafe {
-            let entry = &mut *self.ring.add(usize::from(self.tail & mask));
-            entry.set_addr(self.buffer(bid) as u64);
-            entry.set_len(self.buffer_size);
-            entry.set_bid(bid);
-        }
-        self.tail = self.tail.wrapping_add(1);
-        self.returned_since_publish += 1;
+        debug_assert!(bid < self.entries);
+        self.free.push(bid);
         self.lent = self.lent.saturating_sub(1);
     }
 
-    /// Makes returned buffers visible to the kernel. Returns how many were returned since the
-    /// last call, so the worker can wake flows that ran dry.
+    /// A recv found the ring empty: keep more buffers in it from now on.
+    pub fn ran_dry(&mut self) {
+        self.boost = (self.boost * 2).clamp(BASE_DEPTH, u32::from(self.entries));
+    }
+
+    /// Called on every tick: a shortage long past no longer needs the extra depth.
+    pub fn relax(&mut self) {
+        self.boost /= 2;
+    }
+
+    /// Tops the ring up from the free stack and makes the new entries visible to the kernel.
+    /// Returns how many buffers it added, so the worker can wake flows that ran dry.
     pub fn publish(&mut self) -> u32 {
-        let returned = std::mem::take(&mut self.returned_since_publish);
-        if returned > 0 {
+        let target = (BASE_DEPTH + 2 * self.lent + self.boost).min(u32::from(self.entries));
+        let mask = self.entries - 1;
+        let mut added = 0;
+        while self.in_ring < target {
+            let Some(bid) = self.free.pop() else { break };
+            // SAFETY: the index is masked into 0..entries, inside the ring allocation. The kernel
+            // reads only entries between its head and the published tail; `in_ring` (an upper
+            // bound of that distance) is below `entries`, so this slot is past the published
+            // tail and not visible to the kernel until the store below.
+            unsafe {
+                let entry = &mut *self.ring.add(usize::from(self.tail & mask));
+                entry.set_addr(self.buffer(bid) as u64);
+                entry.set_len(self.buffer_size);
+                entry.set_bid(bid);
+            }
+            self.tail = self.tail.wrapping_add(1);
+            self.in_ring += 1;
+            added += 1;
+        }
+        if added > 0 {
             // SAFETY: the tail field lives in the first entry of the ring allocation; the kernel
             // reads it with acquire ordering, so the Release store publishes the entries above.
             unsafe {
@@ -130,7 +162,7 @@ impl BufRing {
                 (*tail).store(self.tail, Ordering::Release);
             }
         }
-        returned
+        added
     }
 
     pub fn unregister(&self, ring: &IoUring) {

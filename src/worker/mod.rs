@@ -420,6 +420,7 @@ impl Worker {
             // Stale: the flow that issued it is gone. Only a recv can still hold a buffer.
             _ => {
                 if let Some(bid) = cqueue::buffer_select(flags) {
+                    self.bufring.take();
                     self.bufring.give_back(bid);
                 }
                 return;
@@ -554,6 +555,7 @@ impl Worker {
                     .user_data(token(Kind::CancelAll(side)))
             }
             Op::WaitForBuffers => {
+                self.bufring.ran_dry();
                 self.starved.push_back((index as u32, generation));
                 return;
             }
@@ -758,6 +760,7 @@ impl Worker {
             }
         }
         self.due = due;
+        self.bufring.relax();
         if self.accept == AcceptState::Paused {
             self.resume_accepting();
         }
