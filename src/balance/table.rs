@@ -96,8 +96,9 @@ impl Table {
             }
             let bound = LoadBound::new(factor_pct, total_load, total_weight);
             let eligible = |i: usize| usable(i) && bound.admits(load(i), self.weight(i));
-            // Unreachable when factor >= 100 (the caps add up past the total), but a caller's
-            // `load` may change between calls; then fall back to the plain walk.
+            // With consistent loads some backend is always eligible (the caps add up past the
+            // total), but `load` may read counters that change between the sum and the walk;
+            // then the plain walk decides, as HAProxy does when no server is eligible.
             return tier
                 .find(key_hash, &eligible)
                 .or_else(|| tier.find(key_hash, &usable));
