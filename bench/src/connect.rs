@@ -10,5 +10,6 @@ pub fn run(common: Common, size: usize) -> RrResult {
         size,
         rate: None,
         reconnect: true,
+        greeting: false,
     })
 }

@@ -11,6 +11,7 @@ pub mod duration;
 pub mod idle;
 pub mod net;
 pub mod payload;
+pub mod probe;
 pub mod rr;
 pub mod server;
 pub mod sources;

@@ -32,6 +32,7 @@ enum Cmd {
     Connect(ConnectArgs),
     Bulk(BulkArgs),
     Idle(IdleArgs),
+    Probe(ProbeArgs),
 }
 
 #[derive(FromArgs)]
@@ -83,9 +84,31 @@ struct RrArgs {
     /// client source addresses, e.g. 127.0.0.2-127.0.0.20 (round-robin per connection)
     #[argh(option)]
     sources: Option<String>,
+    /// the server greets each connection with one line first (hello backends): skip it
+    #[argh(switch)]
+    greeting: bool,
     /// print one JSON object instead of text
     #[argh(switch)]
     json: bool,
+}
+
+#[derive(FromArgs)]
+/// From each source address, connect --times times to hello backends (through a proxy) and
+/// print which backend answered; exits non-zero if any attempt failed.
+#[argh(subcommand, name = "probe")]
+struct ProbeArgs {
+    /// address to connect to
+    #[argh(option)]
+    target: SocketAddr,
+    /// client source addresses, e.g. 127.0.0.2-127.0.0.9
+    #[argh(option)]
+    sources: String,
+    /// connections per source address (default 3)
+    #[argh(option, default = "3")]
+    times: usize,
+    /// timeout for each connect and read (default 2s)
+    #[argh(option, default = "Duration::from_secs(2)", from_str_fn(dur))]
+    timeout: Duration,
 }
 
 #[derive(FromArgs)]
@@ -266,6 +289,7 @@ fn run(cmd: Cmd) -> Result<ExitCode, String> {
                 size: a.size,
                 rate: a.rate,
                 reconnect: false,
+                greeting: a.greeting,
             };
             let res = rr::run(&cfg);
             Ok(report_rr("rr", &cfg, &res, a.json))
@@ -288,6 +312,7 @@ fn run(cmd: Cmd) -> Result<ExitCode, String> {
                 size: a.size,
                 rate: None,
                 reconnect: true,
+                greeting: false,
             };
             let res = connect::run(common, a.size);
             Ok(report_rr("connect", &cfg, &res, a.json))
@@ -346,6 +371,47 @@ fn run(cmd: Cmd) -> Result<ExitCode, String> {
                 ExitCode::FAILURE
             } else {
                 ExitCode::SUCCESS
+            })
+        }
+        Cmd::Probe(a) => {
+            let srcs = parse_sources(&a.sources)?;
+            if a.times == 0 {
+                return Err("--times must be at least 1".into());
+            }
+            let lines = ringway_load::probe::probe(a.target, &srcs, a.times, a.timeout);
+            let mut backends: std::collections::BTreeMap<String, usize> = Default::default();
+            for l in &lines {
+                let shown: Vec<String> = l
+                    .answers
+                    .iter()
+                    .map(|r| match r {
+                        Ok(name) => name.clone(),
+                        Err(e) => format!("[{e}]"),
+                    })
+                    .collect();
+                let verdict = if l.consistent() {
+                    "same backend every time"
+                } else if l.all_ok() {
+                    "MOVED between backends"
+                } else {
+                    "FAILED"
+                };
+                println!(
+                    "client {:<15} -> {}   ({verdict})",
+                    l.source,
+                    shown.join(", ")
+                );
+                if let Some(Ok(name)) = l.answers.first() {
+                    *backends.entry(name.clone()).or_insert(0) += 1;
+                }
+            }
+            let spread: Vec<String> = backends.iter().map(|(b, n)| format!("{b}: {n}")).collect();
+            println!("clients per backend: {}", spread.join(", "));
+            let ok = lines.iter().all(|l| l.all_ok());
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
             })
         }
         Cmd::Idle(a) => {

@@ -32,6 +32,8 @@ pub struct RrConfig {
     pub rate: Option<f64>,
     /// A new connection for every exchange (the `connect` workload).
     pub reconnect: bool,
+    /// The server sends one line first (`hello` backends): read and discard it.
+    pub greeting: bool,
 }
 
 #[derive(Debug)]
@@ -50,6 +52,8 @@ enum St {
     /// Connected, waiting for the measurement to start.
     Ready,
     Connecting,
+    /// Reading the server's greeting line.
+    Greeting,
     Sending,
     Receiving,
     /// Rate mode: waiting for the next intended send time.
@@ -163,7 +167,11 @@ fn run_thread(cfg: &RrConfig, t: usize, threads: usize, barrier: &Barrier) -> (S
             open(s, i, &mut ctx);
         }
         let until = Instant::now() + cfg.common.timeout;
-        while slots.iter().any(|s| s.st == St::Connecting) && Instant::now() < until {
+        while slots
+            .iter()
+            .any(|s| matches!(s.st, St::Connecting | St::Greeting))
+            && Instant::now() < until
+        {
             let _ = ctx.poll.poll(&mut events, Some(Duration::from_millis(20)));
             for ev in events.iter() {
                 let i = ev.token().0;
@@ -171,7 +179,7 @@ fn run_thread(cfg: &RrConfig, t: usize, threads: usize, barrier: &Barrier) -> (S
             }
         }
         for (i, s) in slots.iter_mut().enumerate() {
-            if s.st == St::Connecting {
+            if matches!(s.st, St::Connecting | St::Greeting) {
                 fail(s, i, &mut ctx, "timeout_connect");
             }
         }
@@ -229,6 +237,7 @@ fn run_thread(cfg: &RrConfig, t: usize, threads: usize, barrier: &Barrier) -> (S
                 if now > s.deadline {
                     match s.st {
                         St::Connecting => fail(s, i, &mut ctx, "timeout_connect"),
+                        St::Greeting => fail(s, i, &mut ctx, "timeout_greeting"),
                         St::Sending | St::Receiving => fail(s, i, &mut ctx, "timeout_reply"),
                         _ => {}
                     }
@@ -340,6 +349,10 @@ fn drive(s: &mut Slot, i: usize, ctx: &mut Ctx) {
                 match connect_result(stream) {
                     Ok(true) => {
                         ctx.connects += 1;
+                        if ctx.cfg.greeting {
+                            s.st = St::Greeting;
+                            continue;
+                        }
                         begin(s, i, ctx, Instant::now(), false);
                         return;
                     }
@@ -400,6 +413,32 @@ fn drive(s: &mut Slot, i: usize, ctx: &mut Ctx) {
                             begin(s, i, ctx, now, false);
                         }
                         return;
+                    }
+                    Err(e) if would_block(&e) => return,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        let kind = error_kind("read", &e);
+                        fail(s, i, ctx, &kind);
+                        return;
+                    }
+                }
+            }
+            St::Greeting => {
+                let Some(stream) = s.stream.as_mut() else {
+                    return;
+                };
+                // read byte-wise: nothing after the newline may be consumed
+                let mut byte = [0u8; 1];
+                match stream.read(&mut byte) {
+                    Ok(0) => {
+                        fail(s, i, ctx, "eof_before_greeting");
+                        return;
+                    }
+                    Ok(_) => {
+                        if byte[0] == b'\n' {
+                            begin(s, i, ctx, Instant::now(), false);
+                            return;
+                        }
                     }
                     Err(e) if would_block(&e) => return,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}

@@ -264,3 +264,48 @@ fn refused_connections_are_counted_not_hidden() {
     assert!(json_num(&out, "errors") >= 1.0, "{out}");
     assert_eq!(json_num(&out, "ok"), 0.0);
 }
+
+#[test]
+fn probe_and_greeting_rr_against_hello() {
+    let srv = serve(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--mode",
+            "hello",
+            "--name",
+            "solo",
+        ],
+        1,
+    );
+    let target = srv.addrs[0].to_string();
+    let (ok, out) = workload(&[
+        "probe",
+        "--target",
+        &target,
+        "--sources",
+        "127.0.0.2-127.0.0.4",
+        "--times",
+        "2",
+    ]);
+    assert!(ok, "{out}");
+    assert_eq!(
+        out.matches("solo, solo   (same backend every time)")
+            .count(),
+        3,
+        "{out}"
+    );
+    let (ok, out) = workload(&[
+        "rr",
+        "--target",
+        &target,
+        "--greeting",
+        "--duration",
+        "500ms",
+        "--conns",
+        "2",
+        "--json",
+    ]);
+    assert!(ok, "{out}");
+    assert_eq!(json_num(&out, "errors"), 0.0);
+}
