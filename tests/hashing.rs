@@ -22,17 +22,6 @@ fn proxy_args(backends: &[&Backend], extra: &[&str]) -> Vec<String> {
     args
 }
 
-/// Connects from `src` and returns the name of the backend that greeted us, after checking
-/// that the flow also carries bytes the other way.
-fn served_by(proxy: &Proxy, src: IpAddr) -> String {
-    let mut s = connect_from(src, proxy.addr)
-        .unwrap_or_else(|e| panic!("connect from {src}: {e}\n{}", proxy.stderr_tail()));
-    let name = read_line(&mut s)
-        .unwrap_or_else(|e| panic!("greeting for {src}: {e}\n{}", proxy.stderr_tail()));
-    echo_roundtrip(&mut s, b"x").unwrap_or_else(|e| panic!("echo for {src}: {e}"));
-    name
-}
-
 /// Which backend each of the client IPs `ips` is served by (one connection each).
 fn mapping(proxy: &Proxy, ips: &[IpAddr]) -> BTreeMap<IpAddr, String> {
     ips.iter().map(|&ip| (ip, served_by(proxy, ip))).collect()

@@ -170,3 +170,52 @@ fn connect_timeout_does_not_cut_established_flows() {
         thread::sleep(Duration::from_millis(200));
     }
 }
+
+#[test]
+fn connect_timeout_moves_the_flow_to_the_next_backend() {
+    // A backend whose connects hang, between two working ones: flows hashed to it are served
+    // by another backend after the connect timeout.
+    let hole = Blackhole::new();
+    let b0 = Backend::hello("b0");
+    let b1 = Backend::hello("b1");
+    let proxy = Proxy::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--backend",
+        &b0.arg(),
+        "--backend",
+        &hole.addr.to_string(),
+        "--backend",
+        &b1.arg(),
+        "--connect-timeout",
+        "1s",
+        "--retries",
+        "2",
+    ]);
+    // 30 client IPs at once; with three backends some certainly hash to the hole.
+    let results: Vec<(String, Duration)> = thread::scope(|s| {
+        let handles: Vec<_> = (0..30u8)
+            .map(|i| {
+                let proxy = &proxy;
+                s.spawn(move || {
+                    let start = Instant::now();
+                    let name = served_by(proxy, client_ip(200 + i));
+                    (name, start.elapsed())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (name, _) in &results {
+        assert!(name == "b0" || name == "b1", "served by {name}");
+    }
+    let waited = results
+        .iter()
+        .filter(|(_, t)| *t >= Duration::from_millis(800))
+        .count();
+    assert!(
+        waited > 0,
+        "no client waited for the connect timeout: did none hash to the blackholed backend? \
+         {results:?}"
+    );
+}

@@ -644,6 +644,17 @@ pub fn echo_roundtrip(stream: &mut TcpStream, msg: &[u8]) -> Result<(), String> 
     Ok(())
 }
 
+/// Connects from `src` and returns the name a `Hello` backend greeted us with, after checking
+/// that the flow carries bytes the other way too. Panics (with the proxy's stderr) on failure.
+pub fn served_by(proxy: &Proxy, src: IpAddr) -> String {
+    let mut s = connect_from(src, proxy.addr)
+        .unwrap_or_else(|e| panic!("connect from {src}: {e}\n{}", proxy.stderr_tail()));
+    let name = read_line(&mut s)
+        .unwrap_or_else(|e| panic!("greeting for {src}: {e}\n{}", proxy.stderr_tail()));
+    echo_roundtrip(&mut s, b"x").unwrap_or_else(|e| panic!("echo for {src}: {e}"));
+    name
+}
+
 /// An address where nothing listens (connections are refused): bound once, then released.
 pub fn dead_addr() -> SocketAddr {
     let addr = TcpListener::bind("127.0.0.1:0")
@@ -676,7 +687,7 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 
 /// Threads `arrive()`, then `wait_open()`; the coordinator waits for arrivals, then `open()`s.
 /// Unlike `std::sync::Barrier`, every wait has a deadline.
-#[derive(Default)]
+#[derive(Default, Debug)]
 pub struct Gate {
     state: Mutex<(usize, bool)>,
     cv: Condvar,
@@ -742,6 +753,8 @@ pub enum Kind {
     /// Writes `bytes` bytes of stream `HALF_CLOSE_KEY`, shuts down its write side, then reads
     /// until EOF and reports what it got (`Event::Sunk`).
     HalfCloser { bytes: u64 },
+    /// Reads nothing until the gate opens, then behaves like `Sink`.
+    LateSink(Arc<Gate>),
 }
 
 /// Something a backend connection reports to the test.
@@ -931,7 +944,12 @@ fn serve(mut s: TcpStream, conn: usize, kind: &Kind, tx: &Sender<Event>) -> Even
             }
             echo(s, conn)
         }
-        Kind::Sink => {
+        Kind::Sink | Kind::LateSink(_) => {
+            if let Kind::LateSink(gate) = kind {
+                if !gate.wait_open(BACKEND_IO_TIMEOUT) {
+                    return Event::Error("late sink: gate never opened".into());
+                }
+            }
             let (how, len, digest) = sink(&mut s);
             if how == Closed::Eof {
                 let _ = s.write_all(format!("{len} {digest:016x}\n").as_bytes());
