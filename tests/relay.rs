@@ -158,17 +158,39 @@ fn thousand_concurrent_flows_of_random_sizes_relay_every_byte() {
 
 #[test]
 fn flows_outnumbering_relay_buffers_still_relay_every_byte() {
-    // One worker with 32 buffers of 4 KiB and 200 busy flows: the buffer ring runs dry
+    // One worker with 64 buffers of 4 KiB and 200 busy flows: the buffer ring runs dry
     // (ENOBUFS) again and again; flows must wait for buffers, not fail or lose bytes.
     let seed = test_seed();
     let backends = vec![Backend::echo()];
     let mut proxy = start_proxy(
         &backends,
-        &["--workers", "1", "--buffers", "32", "--buffer-size", "4096"],
+        &["--workers", "1", "--buffers", "64", "--buffer-size", "4096"],
     );
     let mut rng = Rng::new(seed ^ 0xB0F);
     let sizes: Vec<u64> = (0..200).map(|_| rng.range(64 << 10, 1 << 20)).collect();
     relay_concurrently(&mut proxy, &backends, &sizes, seed);
+}
+
+#[test]
+fn small_buffer_rings_relay_every_byte() {
+    // --buffers takes any power of two; the small ones must work too (and run dry at once).
+    for buffers in ["16", "32"] {
+        let seed = test_seed();
+        let backends = vec![Backend::echo()];
+        let mut proxy = start_proxy(
+            &backends,
+            &[
+                "--workers",
+                "1",
+                "--buffers",
+                buffers,
+                "--buffer-size",
+                "4096",
+            ],
+        );
+        let sizes = vec![256 << 10; 20];
+        relay_concurrently(&mut proxy, &backends, &sizes, seed);
+    }
 }
 
 #[test]

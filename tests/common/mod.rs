@@ -283,7 +283,8 @@ impl Proxy {
         self.status
     }
 
-    /// Panics (with the proxy's stderr) if the proxy has exited.
+    /// Panics (with the proxy's stderr) if the proxy has exited or any of its threads
+    /// panicked (a worker thread can die while the process lives on).
     pub fn assert_running(&mut self) {
         if let Ok(Some(status)) = self.child.try_wait() {
             self.status = Some(status);
@@ -291,6 +292,9 @@ impl Proxy {
                 "ringway exited unexpectedly: {status}\n{}",
                 self.stderr_tail()
             );
+        }
+        if let Some(line) = self.log.lines().iter().find(|l| l.contains("panicked at")) {
+            panic!("a ringway thread panicked: {line}\n{}", self.stderr_tail());
         }
     }
 }
