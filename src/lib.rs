@@ -8,6 +8,7 @@ pub mod balance;
 pub mod config;
 pub mod control;
 pub mod flow;
+pub mod metrics;
 pub mod net;
 pub mod snapshot;
 pub mod worker;
