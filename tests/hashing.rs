@@ -210,3 +210,23 @@ fn two_proxies_with_same_flags_and_seed_map_clients_identically() {
     });
     assert_eq!(ma, mb, "two proxies with identical flags disagree");
 }
+
+#[test]
+fn all_backends_refusing_closes_the_client_after_retries() {
+    let dead: Vec<String> = (0..3).map(|_| dead_addr().to_string()).collect();
+    let mut args = vec!["--listen", "127.0.0.1:0", "--retries", "2"];
+    for d in &dead {
+        args.push("--backend");
+        args.push(d);
+    }
+    let proxy = Proxy::start(&args);
+    for n in 0..5 {
+        let mut client = connect_from(client_ip(230 + n), proxy.addr).unwrap();
+        expect_closed(&mut client, CLOSE_TIMEOUT).unwrap_or_else(|e| {
+            panic!(
+                "client when every backend refuses: {e}\n{}",
+                proxy.stderr_tail()
+            )
+        });
+    }
+}

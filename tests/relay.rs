@@ -550,3 +550,80 @@ fn backend_that_stops_reading_backpressures_the_client() {
         "len and digest at the backend"
     );
 }
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(usize::MAX)
+}
+
+#[test]
+fn flows_ending_in_every_way_leak_no_slots_or_descriptors() {
+    // With --max-conns 8, a flow slot that is not released after a flow ends soon makes new
+    // clients wait forever; a descriptor that is not closed shows in /proc/PID/fd.
+    let echo = Backend::echo();
+    let mut proxy = start_proxy(
+        std::slice::from_ref(&echo),
+        &["--workers", "1", "--max-conns", "8"],
+    );
+    let baseline = open_fds(proxy.pid());
+    for i in 0..300u64 {
+        let mut s = connect(proxy.addr).unwrap();
+        s.set_read_timeout(Some(CLOSE_TIMEOUT)).unwrap();
+        let ending = i % 5;
+        let step = || format!("flow {i} (ending {ending})");
+        match ending {
+            // Echo, then a normal close from the client.
+            0 => echo_roundtrip(&mut s, b"hello")
+                .unwrap_or_else(|e| panic!("{}: {e}\n{}", step(), proxy.stderr_tail())),
+            // Echo, then the client resets.
+            1 => {
+                echo_roundtrip(&mut s, b"hello")
+                    .unwrap_or_else(|e| panic!("{}: {e}\n{}", step(), proxy.stderr_tail()));
+                reset(s);
+                continue;
+            }
+            // Client connects and leaves at once.
+            2 => {}
+            // Client resets at once, maybe before the backend connect completes.
+            3 => {
+                reset(s);
+                continue;
+            }
+            // Half-close, wait for the echo side's EOF, then close.
+            _ => {
+                s.write_all(b"bye").unwrap();
+                s.shutdown(Shutdown::Write).unwrap();
+                let mut back = Vec::new();
+                s.read_to_end(&mut back)
+                    .unwrap_or_else(|e| panic!("{}: {e}\n{}", step(), proxy.stderr_tail()));
+                assert_eq!(back, b"bye", "{}", step());
+            }
+        }
+        drop(s);
+    }
+    // Every flow slot is free again: eight flows at once still work.
+    let mut flows: Vec<_> = (0..8).map(|_| connect(proxy.addr).unwrap()).collect();
+    for (i, f) in flows.iter_mut().enumerate() {
+        f.set_read_timeout(Some(CLOSE_TIMEOUT)).unwrap();
+        echo_roundtrip(f, b"after").unwrap_or_else(|e| {
+            panic!(
+                "flow {i} of 8 after 300 ended flows (--max-conns 8): {e}\n{}",
+                proxy.stderr_tail()
+            )
+        });
+    }
+    drop(flows);
+    proxy.assert_running();
+    // And every descriptor is closed once the flows are gone.
+    let settled = wait_until(CLOSE_TIMEOUT, || open_fds(proxy.pid()) <= baseline);
+    eprintln!(
+        "ringway fds: {baseline} before, {} after",
+        open_fds(proxy.pid())
+    );
+    assert!(
+        settled,
+        "ringway had {baseline} fds before 308 flows, {} after they all ended",
+        open_fds(proxy.pid())
+    );
+}
