@@ -1,0 +1,533 @@
+//! `--admin ADDR`: a tiny HTTP/1.1 endpoint for loopback scrapes.
+//!
+//! - `GET /metrics`  -> 200, `text/plain; version=0.0.4`, whatever [`AdminView::metrics`] writes.
+//! - `GET /backends` -> 200, `application/json`, whatever [`AdminView::backends_json`] writes
+//!   (use [`backends_json`] with [`BackendRow`]s to produce it).
+//! - any other path -> 404; any method other than GET or HEAD -> 405; a malformed request -> 400;
+//!   a request head over 8 KiB -> 431.
+//!
+//! Use: bind a `std::net::TcpListener` at start-up (so a bad address is a start-up error), then
+//! `admin::spawn(listener, Arc::new(view))`. The control thread implements [`AdminView`]; it is
+//! called on the admin threads, so it reads shared state (stats `Arc`s, the current snapshot
+//! behind a lock or an `ArcSwap`-like cell) and never blocks on the workers.
+//!
+//! Design: a few threads ([`THREADS`]) each block in `accept` on the same listener and serve one
+//! request per connection (`Connection: close`), so an idle or slow client holds up at most one
+//! of them, and only for [`REQUEST_DEADLINE`] (a deadline for the whole request head, not per
+//! read, so trickling bytes does not extend it). There is no stop call: the threads block in
+//! `accept` and end with the process.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use log::{debug, warn};
+
+/// What the admin endpoint shows; implemented by the control thread.
+pub trait AdminView: Send + Sync {
+    /// Appends the Prometheus text exposition (see `crate::metrics::render_prometheus`).
+    fn metrics(&self, out: &mut String);
+    /// Appends a JSON array of backends (see [`backends_json`]).
+    fn backends_json(&self, out: &mut String);
+}
+
+/// Connections served at once.
+pub const THREADS: usize = 4;
+/// Largest request head accepted (request line and headers).
+pub const MAX_REQUEST: usize = 8 * 1024;
+/// Time a client has to send its whole request head.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+/// Time a client has to take the response.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// After answering early (e.g. 431), unread request bytes are drained for this long before the
+/// socket is closed: closing with unread data sends an RST, which may destroy the response
+/// before the client reads it.
+const DRAIN_TIME: Duration = Duration::from_millis(500);
+const DRAIN_LIMIT: usize = 64 * 1024;
+/// After an accept error (EMFILE...), wait this long before the next accept so the thread does
+/// not spin; errors are logged at most once per `ACCEPT_WARN_INTERVAL`.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+const ACCEPT_WARN_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Starts the admin threads on `listener` and returns the handle of the first one (the others
+/// are scoped inside it). Fails only if a thread cannot be created.
+pub fn spawn(listener: TcpListener, view: Arc<dyn AdminView>) -> io::Result<JoinHandle<()>> {
+    spawn_with(listener, view, REQUEST_DEADLINE)
+}
+
+fn spawn_with(
+    listener: TcpListener,
+    view: Arc<dyn AdminView>,
+    deadline: Duration,
+) -> io::Result<JoinHandle<()>> {
+    // Accept must block: the listener may have been set non-blocking by whoever bound it.
+    listener.set_nonblocking(false)?;
+    std::thread::Builder::new()
+        .name("ringway-admin".to_string())
+        .spawn(move || {
+            std::thread::scope(|scope| {
+                for i in 1..THREADS {
+                    let spawned = std::thread::Builder::new()
+                        .name(format!("ringway-admin{i}"))
+                        .spawn_scoped(scope, || serve(&listener, &*view, deadline));
+                    if let Err(e) = spawned {
+                        warn!("admin: cannot start a helper thread: {e}");
+                        break;
+                    }
+                }
+                serve(&listener, &*view, deadline);
+            })
+        })
+}
+
+/// Accepts and answers connections forever.
+fn serve(listener: &TcpListener, view: &dyn AdminView, deadline: Duration) {
+    let mut last_warning: Option<Instant> = None;
+    let mut suppressed = 0u64;
+    loop {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                if let Err(e) = handle(stream, view, deadline) {
+                    debug!("admin: {peer}: {e}");
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                // ECONNABORTED and friends are per-connection; EMFILE is not: back off either way.
+                if last_warning.is_none_or(|at| at.elapsed() >= ACCEPT_WARN_INTERVAL) {
+                    warn!("admin: accept failed: {e} ({suppressed} similar since last report)");
+                    last_warning = Some(Instant::now());
+                    suppressed = 0;
+                } else {
+                    suppressed += 1;
+                }
+                std::thread::sleep(ACCEPT_BACKOFF);
+            }
+        }
+    }
+}
+
+/// A response: status line parts, content type and body.
+struct Response {
+    status: u16,
+    reason: &'static str,
+    content_type: &'static str,
+    body: String,
+    /// HEAD: send the headers (with the GET body's length) but not the body.
+    head_only: bool,
+}
+
+impl Response {
+    fn text(status: u16, reason: &'static str) -> Response {
+        Response {
+            status,
+            reason,
+            content_type: "text/plain; charset=utf-8",
+            body: format!("{status} {reason}\n"),
+            head_only: false,
+        }
+    }
+}
+
+fn handle(mut stream: TcpStream, view: &dyn AdminView, deadline: Duration) -> io::Result<()> {
+    stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
+    // `complete`: nothing more is expected from the client. Otherwise the rest of its request
+    // (an oversized head, a body) is drained after the response.
+    let (response, complete) = match read_head(&mut stream, deadline) {
+        Ok(head) => {
+            let response = route(&head, view);
+            let complete = response.status != 405;
+            (response, complete)
+        }
+        Err(HeadError::TooLarge) => (
+            Response::text(431, "Request Header Fields Too Large"),
+            false,
+        ),
+        Err(HeadError::Malformed) => (Response::text(400, "Bad Request"), false),
+        // Timed out, reset, or closed before a full head: nobody to answer.
+        Err(HeadError::Io(e)) => return Err(e),
+    };
+    write_response(&mut stream, &response)?;
+    stream.shutdown(Shutdown::Write)?;
+    if !complete {
+        drain(&mut stream);
+    }
+    Ok(())
+}
+
+enum HeadError {
+    TooLarge,
+    Malformed,
+    Io(io::Error),
+}
+
+/// Reads up to the blank line ending the request head, within `deadline` overall.
+fn read_head(stream: &mut TcpStream, deadline: Duration) -> Result<Vec<u8>, HeadError> {
+    let until = Instant::now() + deadline;
+    let mut head = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(HeadError::Io(io::ErrorKind::TimedOut.into()));
+        }
+        stream.set_read_timeout(Some(left)).map_err(HeadError::Io)?;
+        let n = match stream.read(&mut chunk) {
+            Ok(0) => {
+                return Err(HeadError::Io(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "closed before the end of the request head",
+                )))
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(HeadError::Io(e)),
+        };
+        // Search only where the terminator can newly appear.
+        let from = head.len().saturating_sub(3);
+        head.extend_from_slice(&chunk[..n]);
+        if let Some(end) = find_head_end(&head[from..]) {
+            head.truncate(from + end);
+            return Ok(head);
+        }
+        if head.len() > MAX_REQUEST {
+            return Err(HeadError::TooLarge);
+        }
+        if cannot_be_a_request(&head) {
+            // Garbage (a TLS hello, say): answer now rather than wait for a blank line.
+            return Err(HeadError::Malformed);
+        }
+    }
+}
+
+/// Whether the bytes so far already rule out a valid request: the method must be uppercase
+/// letters up to the first space, and a complete first line must parse.
+fn cannot_be_a_request(head: &[u8]) -> bool {
+    let method_end = head.iter().position(|&b| b == b' ').unwrap_or(head.len());
+    if !head[..method_end].iter().all(u8::is_ascii_uppercase) {
+        return true;
+    }
+    head.contains(&b'\n') && parse_request_line(head).is_none()
+}
+
+/// Position just past the blank line (CRLF CRLF, or bare LF LF which lenient parsers accept).
+fn find_head_end(bytes: &[u8]) -> Option<usize> {
+    (0..bytes.len()).find_map(|i| {
+        let rest = &bytes[i..];
+        if rest.starts_with(b"\r\n\r\n") {
+            Some(i + 4)
+        } else if rest.starts_with(b"\n\n") {
+            Some(i + 2)
+        } else {
+            None
+        }
+    })
+}
+
+/// Picks the response for a complete request head.
+fn route(head: &[u8], view: &dyn AdminView) -> Response {
+    let Some((method, path)) = parse_request_line(head) else {
+        return Response::text(400, "Bad Request");
+    };
+    if method != "GET" && method != "HEAD" {
+        return Response::text(405, "Method Not Allowed");
+    }
+    let path = path.split(['?', '#']).next().unwrap_or(path);
+    let mut response = match path {
+        "/metrics" => {
+            let mut body = String::with_capacity(8 * 1024);
+            view.metrics(&mut body);
+            Response {
+                status: 200,
+                reason: "OK",
+                content_type: "text/plain; version=0.0.4; charset=utf-8",
+                body,
+                head_only: false,
+            }
+        }
+        "/backends" => {
+            let mut body = String::with_capacity(1024);
+            view.backends_json(&mut body);
+            Response {
+                status: 200,
+                reason: "OK",
+                content_type: "application/json",
+                body,
+                head_only: false,
+            }
+        }
+        _ => Response::text(404, "Not Found"),
+    };
+    response.head_only = method == "HEAD";
+    response
+}
+
+/// `METHOD SP target SP HTTP/1.x` -> (method, target).
+fn parse_request_line(head: &[u8]) -> Option<(&str, &str)> {
+    let end = head.iter().position(|&b| b == b'\n')?;
+    let line = std::str::from_utf8(&head[..end]).ok()?;
+    let line = line.strip_suffix('\r').unwrap_or(line);
+    let mut parts = line.split(' ');
+    let (method, target, version) = (parts.next()?, parts.next()?, parts.next()?);
+    let token = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_uppercase());
+    if parts.next().is_some() || !token(method) || !version.starts_with("HTTP/1.") {
+        return None;
+    }
+    target.starts_with('/').then_some((method, target))
+}
+
+fn write_response(stream: &mut TcpStream, response: &Response) -> io::Result<()> {
+    let allow = if response.status == 405 {
+        "Allow: GET, HEAD\r\n"
+    } else {
+        ""
+    };
+    let head = format!(
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n{allow}Cache-Control: no-store\r\nConnection: close\r\n\r\n",
+        response.status,
+        response.reason,
+        response.content_type,
+        response.body.len(),
+    );
+    let mut bytes = head.into_bytes();
+    if !response.head_only {
+        bytes.extend_from_slice(response.body.as_bytes());
+    }
+    stream.write_all(&bytes)
+}
+
+/// Reads and discards what the client is still sending, briefly and boundedly, so the close
+/// that follows is a FIN rather than an RST that could destroy the response in flight.
+fn drain(stream: &mut TcpStream) {
+    let until = Instant::now() + DRAIN_TIME;
+    let mut buf = [0u8; 4096];
+    let mut total = 0;
+    while total < DRAIN_LIMIT {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            return;
+        }
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => total += n,
+        }
+    }
+}
+
+// ---- /backends JSON --------------------------------------------------------------------------
+
+/// One backend as `/backends` shows it.
+#[derive(Clone, Copy, Debug)]
+pub struct BackendRow<'a> {
+    /// The configured address text (the backend's identity).
+    pub name: &'a str,
+    /// The resolved address connects go to.
+    pub address: SocketAddr,
+    pub weight: u32,
+    pub backup: bool,
+    pub healthy: bool,
+    /// Flows relayed through it now.
+    pub active: u64,
+    /// Flows that have connected to it since start.
+    pub total: u64,
+}
+
+/// Appends `rows` as a JSON array of
+/// `{"name","address","weight","backup","healthy","active","total"}` objects.
+pub fn backends_json(rows: &[BackendRow], out: &mut String) {
+    use std::fmt::Write as _;
+    out.push('[');
+    for (i, row) in rows.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str("{\"name\":");
+        push_json_string(row.name, out);
+        let _ = write!(
+            out,
+            ",\"address\":\"{}\",\"weight\":{},\"backup\":{},\"healthy\":{},\"active\":{},\"total\":{}}}",
+            row.address, row.weight, row.backup, row.healthy, row.active, row.total
+        );
+    }
+    out.push(']');
+}
+
+/// Appends `s` as a JSON string literal: quotes, backslashes and control characters escaped.
+pub fn push_json_string(s: &str, out: &mut String) {
+    use std::fmt::Write as _;
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct FakeView;
+
+    impl AdminView for FakeView {
+        fn metrics(&self, out: &mut String) {
+            out.push_str("# HELP ringway_up h\n# TYPE ringway_up gauge\nringway_up 1\n");
+        }
+        fn backends_json(&self, out: &mut String) {
+            backends_json(
+                &[BackendRow {
+                    name: "a",
+                    address: "127.0.0.1:80".parse().unwrap(),
+                    weight: 1,
+                    backup: false,
+                    healthy: true,
+                    active: 0,
+                    total: 3,
+                }],
+                out,
+            );
+        }
+    }
+
+    /// Starts a server on an ephemeral loopback port with the given request deadline.
+    fn start(deadline: Duration) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        spawn_with(listener, Arc::new(FakeView), deadline).unwrap();
+        addr
+    }
+
+    /// Sends `request` and reads the whole response (the server closes after it).
+    fn exchange(addr: SocketAddr, request: &[u8]) -> String {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        stream.write_all(request).unwrap();
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).unwrap();
+        String::from_utf8(response).unwrap()
+    }
+
+    fn status(response: &str) -> &str {
+        response.split(' ').nth(1).unwrap_or("")
+    }
+
+    fn body(response: &str) -> &str {
+        response.split_once("\r\n\r\n").map_or("", |(_, b)| b)
+    }
+
+    #[test]
+    fn serves_metrics_and_backends() {
+        let addr = start(REQUEST_DEADLINE);
+        let r = exchange(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert_eq!(status(&r), "200", "{r}");
+        assert!(r.contains("Content-Type: text/plain; version=0.0.4"), "{r}");
+        assert_eq!(
+            body(&r),
+            "# HELP ringway_up h\n# TYPE ringway_up gauge\nringway_up 1\n"
+        );
+        assert!(r.contains(&format!("Content-Length: {}\r\n", body(&r).len())));
+
+        let r = exchange(addr, b"GET /backends?pretty HTTP/1.0\r\n\r\n");
+        assert_eq!(status(&r), "200", "{r}");
+        assert!(r.contains("Content-Type: application/json"), "{r}");
+        assert_eq!(
+            body(&r),
+            r#"[{"name":"a","address":"127.0.0.1:80","weight":1,"backup":false,"healthy":true,"active":0,"total":3}]"#
+        );
+
+        let r = exchange(addr, b"HEAD /metrics HTTP/1.1\r\n\r\n");
+        assert_eq!(status(&r), "200", "{r}");
+        assert_eq!(body(&r), "");
+    }
+
+    #[test]
+    fn unknown_path_method_and_garbage() {
+        let addr = start(REQUEST_DEADLINE);
+        let r = exchange(addr, b"GET /nope HTTP/1.1\r\n\r\n");
+        assert_eq!(status(&r), "404", "{r}");
+        let r = exchange(addr, b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(status(&r), "405", "{r}");
+        assert!(r.contains("Allow: GET, HEAD\r\n"), "{r}");
+        let r = exchange(addr, b"hello\r\n\r\n");
+        assert_eq!(status(&r), "400", "{r}");
+        let r = exchange(addr, b"GET /metrics SPDY/3\r\n\r\n");
+        assert_eq!(status(&r), "400", "{r}");
+        let r = exchange(
+            addr,
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\x00\x00\x00\x00\x00\x00",
+        );
+        assert_eq!(status(&r), "400", "{r}");
+    }
+
+    #[test]
+    fn oversized_request_is_rejected() {
+        let addr = start(REQUEST_DEADLINE);
+        let mut request = b"GET /metrics HTTP/1.1\r\n".to_vec();
+        while request.len() <= 2 * MAX_REQUEST {
+            request.extend_from_slice(b"X-Filler: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n");
+        }
+        request.extend_from_slice(b"\r\n");
+        let r = exchange(addr, &request);
+        assert_eq!(status(&r), "431", "{r}");
+    }
+
+    #[test]
+    fn silent_clients_do_not_block_others() {
+        // More silent clients than threads: each is dropped when its deadline passes, after
+        // which the real request is served.
+        let addr = start(Duration::from_millis(200));
+        let silent: Vec<TcpStream> = (0..THREADS + 1)
+            .map(|_| TcpStream::connect(addr).unwrap())
+            .collect();
+        let r = exchange(addr, b"GET /metrics HTTP/1.1\r\n\r\n");
+        assert_eq!(status(&r), "200", "{r}");
+        // The silent ones were closed without a response.
+        for mut s in silent {
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let mut buf = Vec::new();
+            let _ = s.read_to_end(&mut buf);
+            assert!(buf.is_empty());
+        }
+    }
+
+    #[test]
+    fn request_line_parsing() {
+        assert_eq!(
+            parse_request_line(b"GET /metrics HTTP/1.1\r\n\r\n"),
+            Some(("GET", "/metrics"))
+        );
+        assert_eq!(parse_request_line(b"GET /metrics\r\n\r\n"), None);
+        assert_eq!(parse_request_line(b"GET  /metrics HTTP/1.1\r\n"), None);
+        assert_eq!(parse_request_line(b"get /metrics HTTP/1.1\r\n"), None);
+        assert_eq!(parse_request_line(b"GET * HTTP/1.1\r\n"), None);
+        assert_eq!(parse_request_line(b"GET /\xff HTTP/1.1\r\n"), None);
+        assert_eq!(find_head_end(b"GET / HTTP/1.1\r\n\r\nbody"), Some(18));
+        assert_eq!(find_head_end(b"GET / HTTP/1.1\n\n"), Some(16));
+        assert_eq!(find_head_end(b"GET / HTTP/1.1\r\n"), None);
+        assert!(!cannot_be_a_request(b"GE"));
+        assert!(!cannot_be_a_request(b"GET /met"));
+        assert!(!cannot_be_a_request(b"GET /metrics HTTP/1.1\r\nHost"));
+        assert!(cannot_be_a_request(b"\x16\x03"));
+        assert!(cannot_be_a_request(b"GET /metrics\r\n"));
+    }
+
+    #[test]
+    fn json_strings_are_escaped() {
+        let mut out = String::new();
+        push_json_string("a\"b\\c\nd\u{1}é", &mut out);
+        assert_eq!(out, r#""a\"b\\c\nd\u0001é""#);
+    }
+}
