@@ -7,6 +7,7 @@
 pub mod balance;
 pub mod config;
 pub mod control;
+pub mod discovery;
 pub mod flow;
 pub mod metrics;
 pub mod net;
