@@ -4,6 +4,7 @@
 //! without sockets, and a thin I/O shell (`worker`, `net`, `control`) that feeds it
 //! completions from io_uring. See docs/architecture.md for the map.
 
+pub mod acl;
 pub mod balance;
 pub mod config;
 pub mod control;
@@ -11,5 +12,6 @@ pub mod discovery;
 pub mod flow;
 pub mod metrics;
 pub mod net;
+pub mod proxy_protocol;
 pub mod snapshot;
 pub mod worker;
