@@ -787,8 +787,37 @@ pub enum Event {
         written: u64,
         error: Option<String>,
     },
+    /// A connection that ended before the backend received a single byte. The proxy may open
+    /// such connections on its own (start-up or health checks), so waiting for the events of
+    /// a flow skips these (`Backend::next_event`).
+    Empty { conn: usize, how: Closed },
     /// The backend could not handle a connection.
     Error(String),
+}
+
+impl Event {
+    /// Reclassifies a connection that received nothing as `Empty`.
+    fn empty_if_idle(self) -> Event {
+        match self {
+            Event::Closed {
+                conn,
+                how,
+                received: 0,
+            }
+            | Event::Sunk {
+                conn, how, len: 0, ..
+            } => Event::Empty { conn, how },
+            other => other,
+        }
+    }
+}
+
+fn read_error_how(e: &io::Error) -> Closed {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        Closed::Eof
+    } else {
+        classify(e)
+    }
 }
 
 /// Connection counters of a backend.
@@ -858,8 +887,21 @@ impl Backend {
         self.addr.to_string()
     }
 
-    /// Next event, waiting at most `timeout`.
+    /// Next event of a connection that carried bytes to the backend (skipping `Empty` ones,
+    /// which may be the proxy's own checks), waiting at most `timeout` in all.
     pub fn next_event(&self, timeout: Duration) -> Option<Event> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left).ok()? {
+                Event::Empty { .. } => {}
+                event => return Some(event),
+            }
+        }
+    }
+
+    /// Next event of any kind, including `Empty`, waiting at most `timeout`.
+    pub fn next_event_any(&self, timeout: Duration) -> Option<Event> {
         self.events.recv_timeout(timeout).ok()
     }
 
@@ -924,7 +966,7 @@ fn accept_loop(
             .spawn(move || {
                 let _ = stream.set_read_timeout(Some(BACKEND_IO_TIMEOUT));
                 let _ = stream.set_write_timeout(Some(BACKEND_IO_TIMEOUT));
-                let event = serve(stream, conn, &kind, &tx2);
+                let event = serve(stream, conn, &kind, &tx2).empty_if_idle();
                 stats2.open.fetch_sub(1, Ordering::SeqCst);
                 let _ = tx2.send(event);
             });
@@ -967,16 +1009,31 @@ fn serve(mut s: TcpStream, conn: usize, kind: &Kind, tx: &Sender<Event>) -> Even
         }
         Kind::Reset { prefix, read } => {
             if let Err(e) = write_pattern(&mut s, RESET_PREFIX_KEY, *prefix) {
-                return Event::Error(format!("reset backend: writing prefix: {e}"));
+                return Event::Empty {
+                    conn,
+                    how: classify(&e),
+                };
             }
             let mut got = 0u64;
             let mut buf = vec![0u8; 16 * 1024];
             while got < *read {
                 let want = (*read - got).min(buf.len() as u64) as usize;
                 match s.read(&mut buf[..want]) {
+                    Ok(0) if got == 0 => {
+                        return Event::Empty {
+                            conn,
+                            how: Closed::Eof,
+                        }
+                    }
                     Ok(0) => return Event::Error(format!("reset backend: EOF after {got}")),
                     Ok(n) => got += n as u64,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if got == 0 => {
+                        return Event::Empty {
+                            conn,
+                            how: classify(&e),
+                        }
+                    }
                     Err(e) => return Event::Error(format!("reset backend: read: {e}")),
                 }
             }
@@ -988,11 +1045,14 @@ fn serve(mut s: TcpStream, conn: usize, kind: &Kind, tx: &Sender<Event>) -> Even
         }
         Kind::Stream => stream_out(s, conn, tx),
         Kind::HalfCloser { bytes } => {
-            if let Err(e) = write_pattern(&mut s, HALF_CLOSE_KEY, *bytes) {
-                return Event::Error(format!("half-closer: write: {e}"));
-            }
-            if let Err(e) = s.shutdown(Shutdown::Write) {
-                return Event::Error(format!("half-closer: shutdown: {e}"));
+            if let Err(e) = write_pattern(&mut s, HALF_CLOSE_KEY, *bytes)
+                .and_then(|()| s.shutdown(Shutdown::Write))
+            {
+                // The peer left before reading what we wrote: not the flow of a test.
+                return Event::Empty {
+                    conn,
+                    how: classify(&e),
+                };
             }
             let (how, len, digest) = sink(&mut s);
             Event::Sunk {
@@ -1053,7 +1113,10 @@ fn sink(s: &mut TcpStream) -> (Closed, u64, u64) {
 fn stream_out(mut s: TcpStream, conn: usize, tx: &Sender<Event>) -> Event {
     let mut count = [0u8; 8];
     if let Err(e) = s.read_exact(&mut count) {
-        return Event::Error(format!("stream backend: reading count: {e}"));
+        return Event::Empty {
+            conn,
+            how: read_error_how(&e),
+        };
     }
     let total = u64::from_le_bytes(count);
     let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
