@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use argh::FromArgs;
 
-use crate::balance::{HashKey, DEFAULT_VNODES};
+use crate::balance::{Algorithm, HashKey, DEFAULT_VNODES};
 
 /// Ringway: a Layer-4 TCP proxy and load balancer on io_uring. Each client flow is pinned to one
 /// backend by consistent hashing of the client address; bytes are relayed both ways unchanged.
@@ -65,6 +65,58 @@ pub struct Flags {
     #[argh(option)]
     pub buffers: Option<String>,
 
+    /// selection table for hashing: ring (default, weighted virtual nodes) or maglev
+    #[argh(option)]
+    pub hash: Option<String>,
+
+    /// size of the Maglev table, rounded up to a prime (default: smallest prime over 100 x backends, at least 65537)
+    #[argh(option)]
+    pub maglev_table_size: Option<String>,
+
+    /// how flows are spread: hash (default; consistent hashing, session persistence), round-robin, least-conn, random-two
+    #[argh(option)]
+    pub balance: Option<String>,
+
+    /// consistent hashing with bounded loads: no backend takes more than PCT% of its fair share of active flows (e.g. 125; off by default)
+    #[argh(option)]
+    pub hash_balance_factor: Option<String>,
+
+    /// enable active health checks: time between TCP connect checks of each backend, with +-10% jitter (default: off, as in HAProxy without `check`; passive checks still run)
+    #[argh(option)]
+    pub health_interval: Option<String>,
+
+    /// how long one health check may take (default 1s)
+    #[argh(option)]
+    pub health_timeout: Option<String>,
+
+    /// consecutive successful checks that bring a down backend up (default 2)
+    #[argh(option)]
+    pub rise: Option<String>,
+
+    /// consecutive failed checks that take an up backend down (default 3)
+    #[argh(option)]
+    pub fall: Option<String>,
+
+    /// bytes a health check sends after connecting (escapes: \r \n \t \\ \xHH)
+    #[argh(option)]
+    pub health_send: Option<String>,
+
+    /// bytes the health check's reply must start with (same escapes); without it a connect is enough
+    #[argh(option)]
+    pub health_expect: Option<String>,
+
+    /// passive checks: this many failed connects or early resets within --fail-timeout take a backend down until a check passes; 0 disables (default 3)
+    #[argh(option)]
+    pub max_fails: Option<String>,
+
+    /// window for --max-fails, and how long a passively failed backend stays down when active checks are off (default 10s)
+    #[argh(option)]
+    pub fail_timeout: Option<String>,
+
+    /// print the backend each client address (IP or IP:PORT) maps to, without listening, and exit; repeatable
+    #[argh(option)]
+    pub show_mapping: Vec<String>,
+
     /// print the version and exit
     #[argh(switch)]
     pub version: bool,
@@ -79,6 +131,36 @@ pub struct BackendSpec {
     pub port: u16,
     pub weight: u32,
     pub backup: bool,
+    /// Port the health check connects to, when it is not the traffic port.
+    pub check_port: Option<u16>,
+}
+
+/// How new flows are spread over backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Balance {
+    /// Consistent hashing of the flow key: a client keeps its backend.
+    Hash,
+    /// Smooth weighted round robin.
+    RoundRobin,
+    /// Fewest active flows per unit of weight, counted across all workers.
+    LeastConn,
+    /// Two weighted random picks, the one with fewer active flows per weight wins.
+    RandomTwo,
+}
+
+/// Active and passive health checking.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthConfig {
+    /// `None`: no active checks.
+    pub interval: Option<Duration>,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+    pub send: Vec<u8>,
+    pub expect: Vec<u8>,
+    /// `0`: no passive checks.
+    pub max_fails: u32,
+    pub fail_timeout: Duration,
 }
 
 /// Validated configuration. Every field has a value; defaults are applied here.
@@ -99,6 +181,14 @@ pub struct Config {
     pub max_conns: Option<usize>,
     pub buffer_size: u32,
     pub buffers: u16,
+    pub algorithm: Algorithm,
+    pub maglev_table_size: Option<u64>,
+    pub balance: Balance,
+    /// `None`: no load bound.
+    pub hash_balance_factor: Option<u32>,
+    pub health: HealthConfig,
+    /// Client addresses to print the mapping of (and exit) instead of serving.
+    pub show_mapping: Vec<SocketAddr>,
 }
 
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -136,10 +226,22 @@ fn flag_error(flag: &'static str, message: impl Into<String>) -> FlagError {
 
 impl Config {
     pub fn from_flags(flags: &Flags) -> Result<Config, FlagError> {
-        let listen_text = flags
-            .listen
-            .as_deref()
-            .ok_or_else(|| flag_error("--listen", "is required (e.g. --listen 0.0.0.0:8080)"))?;
+        let show_mapping = flags
+            .show_mapping
+            .iter()
+            .map(|text| parse_client_address(text).map_err(|m| flag_error("--show-mapping", m)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let listen_text = match (flags.listen.as_deref(), show_mapping.is_empty()) {
+            (Some(text), _) => text,
+            // Showing the mapping needs no listener.
+            (None, false) => "127.0.0.1:0",
+            (None, true) => {
+                return Err(flag_error(
+                    "--listen",
+                    "is required (e.g. --listen 0.0.0.0:8080)",
+                ))
+            }
+        };
         let listen: SocketAddr = listen_text.parse().map_err(|_| {
             flag_error(
                 "--listen",
@@ -233,6 +335,38 @@ impl Config {
             }
         };
 
+        let algorithm = match flags.hash.as_deref() {
+            None | Some("ring") => Algorithm::Ring,
+            Some("maglev") => Algorithm::Maglev,
+            Some(other) => {
+                return Err(flag_error(
+                    "--hash",
+                    format!("'{other}' is not one of ring, maglev"),
+                ))
+            }
+        };
+        let maglev_table_size = match &flags.maglev_table_size {
+            None => None,
+            Some(text) => Some(parse_in_range("--maglev-table-size", text, 1, 1 << 24)?),
+        };
+        let balance = match flags.balance.as_deref() {
+            None | Some("hash") => Balance::Hash,
+            Some("round-robin") => Balance::RoundRobin,
+            Some("least-conn") => Balance::LeastConn,
+            Some("random-two") => Balance::RandomTwo,
+            Some(other) => {
+                return Err(flag_error(
+                    "--balance",
+                    format!("'{other}' is not one of hash, round-robin, least-conn, random-two"),
+                ))
+            }
+        };
+        let hash_balance_factor = match &flags.hash_balance_factor {
+            None => None,
+            Some(text) => Some(parse_in_range("--hash-balance-factor", text, 100, 10_000)? as u32),
+        };
+        let health = health_from_flags(flags)?;
+
         Ok(Config {
             listen,
             backends,
@@ -246,8 +380,103 @@ impl Config {
             max_conns,
             buffer_size,
             buffers,
+            algorithm,
+            maglev_table_size,
+            balance,
+            hash_balance_factor,
+            health,
+            show_mapping,
         })
     }
+}
+
+fn health_from_flags(flags: &Flags) -> Result<HealthConfig, FlagError> {
+    let duration = |flag: &'static str, value: &Option<String>, default: Duration| match value {
+        None => Ok(default),
+        Some(text) => parse_duration(text).map_err(|m| flag_error(flag, m)),
+    };
+    // Off by default: a connect-and-close probe is noise in many servers' logs (PostgreSQL,
+    // SSH) and operators opt in, as with HAProxy's `check`. Passive checks are always on.
+    let interval = duration("--health-interval", &flags.health_interval, Duration::ZERO)?;
+    let timeout = duration(
+        "--health-timeout",
+        &flags.health_timeout,
+        Duration::from_secs(1),
+    )?;
+    if timeout.is_zero() {
+        return Err(flag_error("--health-timeout", "must be greater than 0"));
+    }
+    let count = |flag: &'static str, value: &Option<String>, default: u64, min: u64| match value {
+        None => Ok(default as u32),
+        Some(text) => parse_in_range(flag, text, min, 1000).map(|n| n as u32),
+    };
+    let fail_timeout = duration(
+        "--fail-timeout",
+        &flags.fail_timeout,
+        Duration::from_secs(10),
+    )?;
+    if fail_timeout.is_zero() {
+        return Err(flag_error("--fail-timeout", "must be greater than 0"));
+    }
+    Ok(HealthConfig {
+        interval: (!interval.is_zero()).then_some(interval),
+        timeout,
+        rise: count("--rise", &flags.rise, 2, 1)?,
+        fall: count("--fall", &flags.fall, 3, 1)?,
+        send: match &flags.health_send {
+            None => Vec::new(),
+            Some(text) => unescape(text).map_err(|m| flag_error("--health-send", m))?,
+        },
+        expect: match &flags.health_expect {
+            None => Vec::new(),
+            Some(text) => unescape(text).map_err(|m| flag_error("--health-expect", m))?,
+        },
+        max_fails: count("--max-fails", &flags.max_fails, 3, 0)?,
+        fail_timeout,
+    })
+}
+
+/// Decodes `\r`, `\n`, `\t`, `\\` and `\xHH` so binary probes fit on a command line.
+pub fn unescape(text: &str) -> Result<Vec<u8>, String> {
+    let mut out = Vec::with_capacity(text.len());
+    let mut bytes = text.bytes();
+    while let Some(b) = bytes.next() {
+        if b != b'\\' {
+            out.push(b);
+            continue;
+        }
+        match bytes.next() {
+            Some(b'r') => out.push(b'\r'),
+            Some(b'n') => out.push(b'\n'),
+            Some(b't') => out.push(b'\t'),
+            Some(b'\\') => out.push(b'\\'),
+            Some(b'x') => {
+                let hex: Vec<u8> = bytes.by_ref().take(2).collect();
+                let value = std::str::from_utf8(&hex)
+                    .ok()
+                    .filter(|h| h.len() == 2)
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or_else(|| format!("'{text}': \\x needs two hex digits"))?;
+                out.push(value);
+            }
+            _ => {
+                return Err(format!(
+                    "'{text}': unknown escape (use \\r \\n \\t \\\\ \\xHH)"
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A client address for `--show-mapping`: an IP (port 0) or IP:PORT.
+fn parse_client_address(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    text.parse::<std::net::IpAddr>()
+        .map(|ip| SocketAddr::new(ip, 0))
+        .map_err(|_| format!("'{text}' is not an IP address or IP:PORT"))
 }
 
 fn parse_in_range(flag: &'static str, text: &str, min: u64, max: u64) -> Result<u64, FlagError> {
@@ -284,13 +513,18 @@ pub fn parse_backend(text: &str) -> Result<BackendSpec, String> {
     let mut parts = text.split(',');
     let address = parts.next().unwrap_or_default().trim();
     let (host, port) = split_host_port(address)
-        .ok_or_else(|| format!("'{text}' is not HOST:PORT[,weight=N][,backup]"))?;
+        .ok_or_else(|| format!("'{text}' is not HOST:PORT[,weight=N][,backup][,check-port=N]"))?;
     let mut weight = 1u32;
     let mut backup = false;
+    let mut check_port = None;
     for option in parts {
         let option = option.trim();
         if option == "backup" {
             backup = true;
+        } else if let Some(value) = option.strip_prefix("check-port=") {
+            let port = value.parse::<u16>().ok().filter(|p| *p != 0);
+            check_port =
+                Some(port.ok_or_else(|| format!("'{text}': check-port must be from 1 to 65535"))?);
         } else if let Some(value) = option.strip_prefix("weight=") {
             weight = value
                 .parse::<u32>()
@@ -299,7 +533,7 @@ pub fn parse_backend(text: &str) -> Result<BackendSpec, String> {
                 .ok_or_else(|| format!("'{text}': weight must be an integer from 0 to 10000"))?;
         } else {
             return Err(format!(
-                "'{text}': unknown option '{option}' (known: weight=N, backup)"
+                "'{text}': unknown option '{option}' (known: weight=N, backup, check-port=N)"
             ));
         }
     }
@@ -309,6 +543,7 @@ pub fn parse_backend(text: &str) -> Result<BackendSpec, String> {
         port,
         weight,
         backup,
+        check_port,
     })
 }
 

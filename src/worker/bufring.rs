@@ -124,7 +124,9 @@ impl BufRing {
 
     /// A recv found the ring empty: keep more buffers in it from now on.
     pub fn ran_dry(&mut self) {
-        self.boost = (self.boost * 2).clamp(BASE_DEPTH, u32::from(self.entries));
+        self.boost = (self.boost * 2)
+            .max(BASE_DEPTH)
+            .min(u32::from(self.entries));
     }
 
     /// Called on every tick: a shortage long past no longer needs the extra depth.

@@ -18,16 +18,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{Receiver, Sender};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use log::{debug, error, warn};
 use slab::Slab;
 use socket2::{SockRef, Socket};
 
 use crate::balance::{flow_key_hash, HashKey};
+use crate::control::Event;
 use crate::flow::{CloseReason, Ending, Flow, Limits, Op, Phase, Side};
 use crate::net;
-use crate::snapshot::Snapshot;
+use crate::snapshot::{BackendLoad, BackendSet, PickState, Snapshot};
 use bufring::BufRing;
 pub use ring::{new_ring, RingError};
 use timer::TimerWheel;
@@ -51,6 +52,8 @@ pub struct WorkerSetup {
     pub settings: Settings,
     /// Flows open in the whole process, for `max_conns`.
     pub active_flows: Arc<AtomicUsize>,
+    /// Passive health reports to the control thread (never blocks: `try_send`).
+    pub events: Sender<Event>,
 }
 
 #[derive(Clone, Debug)]
@@ -84,6 +87,10 @@ struct Slot {
     client_addr: SocketAddr,
     key_hash: u64,
     backend_index: Option<usize>,
+    /// The backend set `backend_index` refers to (snapshots may change during the flow).
+    backend_set: Option<Arc<BackendSet>>,
+    /// Active-flow gauge of the backend this flow holds, released when the flow ends.
+    backend_load: Option<Arc<BackendLoad>>,
     /// Backends already tried by this flow's connect attempts.
     tried: Vec<u32>,
     /// Tick of the last byte moved either way.
@@ -122,6 +129,8 @@ struct Worker {
     /// point at their addresses, which the kernel copies only when it reads the SQE.
     retired: Vec<Arc<Snapshot>>,
     commands: Receiver<Command>,
+    events: Sender<Event>,
+    pick: PickState,
     active_flows: Arc<AtomicUsize>,
     slots: Slab<Slot>,
     next_generation: u32,
@@ -197,6 +206,8 @@ impl Worker {
             snapshot: setup.snapshot,
             retired: Vec::new(),
             commands: setup.commands,
+            events: setup.events,
+            pick: PickState::new(setup.id as u64),
             active_flows: setup.active_flows,
             slots: Slab::new(),
             next_generation: 1,
@@ -403,6 +414,8 @@ impl Worker {
             client_addr,
             key_hash,
             backend_index: None,
+            backend_set: None,
+            backend_load: None,
             tried: Vec::new(),
             last_active: self.timers.now(),
             timer_filed: false,
@@ -432,16 +445,21 @@ impl Worker {
         match token.kind {
             Kind::Connect => {
                 if res < 0 {
-                    if let Some(i) = slot.backend_index {
+                    if let (Some(i), Some(set)) = (slot.backend_index, &slot.backend_set) {
                         debug!(
                             "flow {} -> {}: connect failed: {}",
                             slot.client_addr,
-                            self.snapshot
-                                .backends
-                                .get(i)
-                                .map_or("?", |b| b.name.as_str()),
+                            set.backends.get(i).map_or("?", |b| b.name.as_str()),
                             io::Error::from_raw_os_error(-res)
                         );
+                        // A connect cancelled because the flow is closing says nothing about
+                        // the backend; a timeout (also ECANCELED, from the linked timeout) does.
+                        if slot.flow.phase() != Phase::Closing {
+                            let _ = self.events.try_send(Event::BackendFailure {
+                                set: Arc::clone(set),
+                                index: i,
+                            });
+                        }
                     }
                 }
                 slot.flow.on_connect(res, &mut ops);
@@ -570,15 +588,28 @@ impl Worker {
         let snapshot = Arc::clone(&self.snapshot);
         let slot = &mut self.slots[index];
         slot.backend = None; // a failed attempt's socket: its connect has completed
+        if let Some(load) = slot.backend_load.take() {
+            load.active.fetch_sub(1, Ordering::Relaxed);
+        }
+        // Tried indices refer to the set they were chosen from; a new set starts afresh.
+        if !slot
+            .backend_set
+            .as_ref()
+            .is_some_and(|set| Arc::ptr_eq(set, &snapshot.set))
+        {
+            slot.tried.clear();
+            slot.backend_set = Some(Arc::clone(&snapshot.set));
+        }
         loop {
             let tried = &slot.tried;
-            let Some(backend) = snapshot.choose(slot.key_hash, |i| !tried.contains(&(i as u32)))
-            else {
+            let Some(backend) = snapshot.choose(slot.key_hash, &mut self.pick, |i| {
+                !tried.contains(&(i as u32))
+            }) else {
                 slot.flow.abort(CloseReason::NoBackend, more);
                 return;
             };
             slot.tried.push(backend as u32);
-            let target = &snapshot.backends[backend];
+            let target = &snapshot.backends()[backend];
             let socket = match net::backend_socket(&target.addr) {
                 Ok(socket) => socket,
                 Err(e) => {
@@ -608,6 +639,8 @@ impl Worker {
                     .user_data(token(Kind::LinkTimeout));
             slot.backend = Some(socket);
             slot.backend_index = Some(backend);
+            target.load.active.fetch_add(1, Ordering::Relaxed);
+            slot.backend_load = Some(Arc::clone(&target.load));
             slot.flow.on_connect_submitted();
             // The two must be adjacent in the submission queue for the link to hold.
             self.push_linked(connect, timeout);
@@ -623,12 +656,25 @@ impl Worker {
         if let (true, Some(backend)) = (ending.reset_backend, &slot.backend) {
             let _ = backend.set_linger(Some(Duration::ZERO));
         }
+        if let Some(load) = &slot.backend_load {
+            load.active.fetch_sub(1, Ordering::Relaxed);
+        }
         let (up, down) = slot.flow.bytes();
+        if let (CloseReason::BackendReset, 0, Some(i), Some(set)) =
+            (ending.reason, down, slot.backend_index, &slot.backend_set)
+        {
+            // Reset before sending a byte: as suspicious as a failed connect.
+            let _ = self.events.try_send(Event::BackendFailure {
+                set: Arc::clone(set),
+                index: i,
+            });
+        }
         debug!(
             "flow {} -> {} closed ({:?}): {} bytes up, {} bytes down, {} connect attempts",
             slot.client_addr,
             slot.backend_index
-                .and_then(|i| self.snapshot.backends.get(i))
+                .zip(slot.backend_set.as_ref())
+                .and_then(|(i, set)| set.backends.get(i))
                 .map_or("-", |b| b.name.as_str()),
             ending.reason,
             up,

@@ -1,0 +1,365 @@
+//! Backend health: the per-backend up/down state machine (pure, HAProxy's rise/fall plus
+//! nginx's max_fails/fail_timeout) and the thread that runs active checks.
+//!
+//! Active checks are TCP connects (optionally a probe sent and the reply's first bytes
+//! compared) from a thread of their own, so a slow or black-holed backend can never delay the
+//! control thread or a worker. Results go to the control thread as events; it owns the state.
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+
+use crate::config::HealthConfig;
+
+/// Up/down state of one backend.
+#[derive(Clone, Debug)]
+pub struct Health {
+    up: bool,
+    ok_streak: u32,
+    fail_streak: u32,
+    /// Times of recent passive failures (failed connects, early resets), oldest first.
+    passive: VecDeque<Instant>,
+    /// When a passive failure took the backend down (for recovery without active checks).
+    down_since: Option<Instant>,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health::new()
+    }
+}
+
+impl Health {
+    /// Backends start up, as in HAProxy: traffic flows at once and checks take a dead one down.
+    pub fn new() -> Health {
+        Health {
+            up: true,
+            ok_streak: 0,
+            fail_streak: 0,
+            passive: VecDeque::new(),
+            down_since: None,
+        }
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up
+    }
+
+    /// An active check finished. Returns the new state when it changed.
+    pub fn on_check(&mut self, ok: bool, config: &HealthConfig) -> Option<bool> {
+        if ok {
+            self.ok_streak += 1;
+            self.fail_streak = 0;
+            if !self.up && self.ok_streak >= config.rise {
+                return Some(self.set(true));
+            }
+        } else {
+            self.fail_streak += 1;
+            self.ok_streak = 0;
+            if self.up && self.fail_streak >= config.fall {
+                return Some(self.set(false));
+            }
+        }
+        None
+    }
+
+    /// A flow failed to connect or was reset before the backend sent a byte.
+    pub fn on_passive_failure(&mut self, now: Instant, config: &HealthConfig) -> Option<bool> {
+        if config.max_fails == 0 {
+            return None;
+        }
+        self.passive.push_back(now);
+        while self
+            .passive
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > config.fail_timeout)
+        {
+            self.passive.pop_front();
+        }
+        if self.up && self.passive.len() >= config.max_fails as usize {
+            self.passive.clear();
+            self.ok_streak = 0;
+            self.down_since = Some(now);
+            return Some(self.set(false));
+        }
+        None
+    }
+
+    /// Without active checks nothing would ever bring a passively failed backend back: like
+    /// nginx, try it again after `fail_timeout`.
+    pub fn on_tick(&mut self, now: Instant, config: &HealthConfig) -> Option<bool> {
+        match (config.interval, self.down_since) {
+            (None, Some(since)) if !self.up && now.duration_since(since) >= config.fail_timeout => {
+                Some(self.set(true))
+            }
+            _ => None,
+        }
+    }
+
+    fn set(&mut self, up: bool) -> bool {
+        self.up = up;
+        self.ok_streak = 0;
+        self.fail_streak = 0;
+        if up {
+            self.down_since = None;
+        }
+        up
+    }
+}
+
+/// One backend to check: its identity and the address the check connects to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckTarget {
+    pub name: String,
+    pub addr: SocketAddr,
+}
+
+/// The outcome of one check.
+#[derive(Debug)]
+pub struct CheckResult {
+    pub name: String,
+    pub ok: bool,
+    /// Why it failed, for the log line when the backend goes down.
+    pub detail: String,
+}
+
+/// Checks running at once in a round: enough for hundreds of backends per interval without a
+/// thread per backend.
+const PARALLEL_CHECKS: usize = 32;
+
+/// Starts the checker thread. It checks every target once per interval (with +-10% jitter, so
+/// many Ringway hosts do not probe in lockstep), takes new target lists from `targets`, and stops
+/// when `targets` is disconnected.
+pub fn spawn(
+    config: HealthConfig,
+    mut current: Vec<CheckTarget>,
+    targets: Receiver<Vec<CheckTarget>>,
+    results: Sender<CheckResult>,
+) -> std::io::Result<JoinHandle<()>> {
+    let interval = config.interval.unwrap_or(Duration::from_secs(2));
+    std::thread::Builder::new()
+        .name("ringway-health".into())
+        .spawn(move || {
+            let mut jitter = Jitter::new();
+            let mut next_round = Instant::now();
+            loop {
+                let wait = next_round.saturating_duration_since(Instant::now());
+                match targets.recv_timeout(wait) {
+                    Ok(list) => {
+                        current = list;
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => return,
+                    Err(RecvTimeoutError::Timeout) => {}
+                }
+                next_round = Instant::now() + jitter.apply(interval);
+                for chunk in current.chunks(PARALLEL_CHECKS) {
+                    std::thread::scope(|scope| {
+                        for target in chunk {
+                            let config = &config;
+                            let results = &results;
+                            scope.spawn(move || {
+                                let outcome = check(target.addr, config);
+                                let _ = results.send(CheckResult {
+                                    name: target.name.clone(),
+                                    ok: outcome.is_ok(),
+                                    detail: outcome.err().unwrap_or_default(),
+                                });
+                            });
+                        }
+                    });
+                }
+            }
+        })
+}
+
+/// One active check: connect within the timeout; if a probe is configured, send it and compare
+/// the start of the reply.
+pub fn check(addr: SocketAddr, config: &HealthConfig) -> Result<(), String> {
+    let deadline = Instant::now() + config.timeout;
+    let mut stream =
+        TcpStream::connect_timeout(&addr, config.timeout).map_err(|e| format!("connect: {e}"))?;
+    if !config.send.is_empty() {
+        stream
+            .set_write_timeout(Some(config.timeout))
+            .and_then(|_| stream.write_all(&config.send))
+            .map_err(|e| format!("send: {e}"))?;
+    }
+    if !config.expect.is_empty() {
+        let mut reply = Vec::with_capacity(config.expect.len());
+        let mut buf = [0u8; 512];
+        while reply.len() < config.expect.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err("reply: timed out".into());
+            }
+            stream
+                .set_read_timeout(Some(left))
+                .map_err(|e| format!("reply: {e}"))?;
+            match stream.read(&mut buf) {
+                Ok(0) => return Err("reply: connection closed early".into()),
+                Ok(n) => reply.extend_from_slice(&buf[..n]),
+                Err(e) => return Err(format!("reply: {e}")),
+            }
+        }
+        if !reply.starts_with(&config.expect) {
+            return Err("reply: does not match --health-expect".into());
+        }
+    }
+    Ok(())
+}
+
+/// +-10% jitter from a small xorshift seeded by the clock: no crate needed for this.
+struct Jitter(u64);
+
+impl Jitter {
+    fn new() -> Jitter {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+        Jitter(seed | 1)
+    }
+
+    fn apply(&mut self, interval: Duration) -> Duration {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        let permille = 900 + (self.0 % 201); // 0.900 ..= 1.100
+        interval * permille as u32 / 1000
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    fn config() -> HealthConfig {
+        HealthConfig {
+            interval: Some(Duration::from_secs(1)),
+            timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 3,
+            send: Vec::new(),
+            expect: Vec::new(),
+            max_fails: 2,
+            fail_timeout: Duration::from_secs(10),
+        }
+    }
+
+    #[test]
+    fn falls_after_fall_failures_and_rises_after_rise_successes() {
+        let c = config();
+        let mut h = Health::new();
+        assert_eq!(h.on_check(false, &c), None);
+        assert_eq!(h.on_check(false, &c), None);
+        assert_eq!(
+            h.on_check(true, &c),
+            None,
+            "a success resets the failure streak"
+        );
+        assert_eq!(h.on_check(false, &c), None);
+        assert_eq!(h.on_check(false, &c), None);
+        assert_eq!(h.on_check(false, &c), Some(false));
+        assert!(!h.is_up());
+        assert_eq!(h.on_check(true, &c), None);
+        assert_eq!(
+            h.on_check(false, &c),
+            None,
+            "a failure resets the success streak"
+        );
+        assert_eq!(h.on_check(true, &c), None);
+        assert_eq!(h.on_check(true, &c), Some(true));
+        assert!(h.is_up());
+    }
+
+    #[test]
+    fn passive_failures_within_the_window_take_it_down() {
+        let c = config();
+        let mut h = Health::new();
+        let t0 = Instant::now();
+        assert_eq!(h.on_passive_failure(t0, &c), None);
+        // The next failure comes after the window: the first one no longer counts.
+        assert_eq!(h.on_passive_failure(t0 + Duration::from_secs(11), &c), None);
+        assert_eq!(
+            h.on_passive_failure(t0 + Duration::from_secs(12), &c),
+            Some(false)
+        );
+        // Down until checks pass: rise successes.
+        assert_eq!(h.on_check(true, &c), None);
+        assert_eq!(h.on_check(true, &c), Some(true));
+    }
+
+    #[test]
+    fn without_active_checks_a_passive_down_recovers_after_fail_timeout() {
+        let c = HealthConfig {
+            interval: None,
+            ..config()
+        };
+        let mut h = Health::new();
+        let t0 = Instant::now();
+        h.on_passive_failure(t0, &c);
+        assert_eq!(h.on_passive_failure(t0, &c), Some(false));
+        assert_eq!(h.on_tick(t0 + Duration::from_secs(5), &c), None);
+        assert_eq!(h.on_tick(t0 + Duration::from_secs(10), &c), Some(true));
+    }
+
+    #[test]
+    fn passive_checks_can_be_disabled() {
+        let c = HealthConfig {
+            max_fails: 0,
+            ..config()
+        };
+        let mut h = Health::new();
+        for _ in 0..10 {
+            assert_eq!(h.on_passive_failure(Instant::now(), &c), None);
+        }
+        assert!(h.is_up());
+    }
+
+    #[test]
+    fn check_connects_and_compares_the_reply() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            for reply in [&b"+PONG\r\n"[..], &b"-ERR\r\n"[..]] {
+                let (mut s, _) = listener.accept().unwrap();
+                let mut buf = [0u8; 6];
+                s.read_exact(&mut buf).unwrap();
+                assert_eq!(&buf, b"PING\r\n");
+                s.write_all(reply).unwrap();
+            }
+        });
+        let c = HealthConfig {
+            send: b"PING\r\n".to_vec(),
+            expect: b"+PONG".to_vec(),
+            ..config()
+        };
+        assert_eq!(check(addr, &c), Ok(()));
+        assert!(check(addr, &c).unwrap_err().contains("does not match"));
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn check_of_a_closed_port_fails() {
+        let addr = {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap()
+        };
+        assert!(check(addr, &config()).unwrap_err().starts_with("connect"));
+    }
+
+    #[test]
+    fn jitter_stays_within_ten_percent() {
+        let mut j = Jitter::new();
+        for _ in 0..1000 {
+            let d = j.apply(Duration::from_millis(1000));
+            assert!(d >= Duration::from_millis(900) && d <= Duration::from_millis(1100));
+        }
+    }
+}
