@@ -4,7 +4,7 @@
 //!
 //! Each worker gets one [`WorkerStatsWriter`] (`WorkerStatsWriter::new()`, moved into the worker)
 //! and the control thread keeps the matching `Arc<WorkerStats>` (`writer.stats().clone()`) for
-//! scrapes. The writer is not `Clone`, so there is exactly one writing thread per `WorkerStats`:
+//! scrapes. The writer is neither `Clone` nor `Sync`, so there is exactly one writing thread per `WorkerStats`:
 //! that is what lets every bump be a plain relaxed load + store (no locked instruction) without
 //! losing updates. The whole struct is aligned to 128 bytes so two workers' counters never share
 //! a cache line (or an adjacent-line prefetch pair); readers only load.
@@ -53,7 +53,9 @@
 //! | `backend_flows_total`, `backend_connect_failures_total`, `backend_health_transitions_total` | counter | `backend` |
 //! | `backend_bytes_total` | counter | `backend`, `direction` |
 
+use std::cell::Cell;
 use std::fmt::Write as _;
+use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -233,6 +235,9 @@ impl WorkerStats {
 #[derive(Debug)]
 pub struct WorkerStatsWriter {
     stats: Arc<WorkerStats>,
+    /// `Send` but not `Sync`: the writer can move to its worker thread but cannot be shared
+    /// (say, behind an `Arc`), which keeps the load + store bumps free of lost updates.
+    _single_thread: PhantomData<Cell<()>>,
 }
 
 impl Default for WorkerStatsWriter {
@@ -254,6 +259,7 @@ impl WorkerStatsWriter {
     pub fn new() -> WorkerStatsWriter {
         WorkerStatsWriter {
             stats: Arc::new(WorkerStats::default()),
+            _single_thread: PhantomData,
         }
     }
 
