@@ -4,9 +4,9 @@
 //!
 //! Each worker gets one [`WorkerStatsWriter`] (`WorkerStatsWriter::new()`, moved into the worker)
 //! and the control thread keeps the matching `Arc<WorkerStats>` (`writer.stats().clone()`) for
-//! scrapes. The writer is neither `Clone` nor `Sync`, so there is exactly one writing thread per `WorkerStats`:
-//! that is what lets every bump be a plain relaxed load + store (no locked instruction) without
-//! losing updates. The whole struct is aligned to 128 bytes so two workers' counters never share
+//! scrapes. The writer is neither `Clone` nor `Sync`, so there is exactly one writing thread per
+//! `WorkerStats`: that is what lets every bump be a plain relaxed load + store (no locked
+//! instruction) without losing updates. The whole struct is aligned to 128 bytes so two workers' counters never share
 //! a cache line (or an adjacent-line prefetch pair); readers only load.
 //!
 //! What the worker calls, and when:
@@ -25,7 +25,7 @@
 //! - [`connected`](WorkerStatsWriter::connected)`(elapsed)`: a backend connect succeeded after
 //!   `elapsed`; feeds the connect-time histogram.
 //! - [`accept_error`](WorkerStatsWriter::accept_error): accept completed with an error.
-//! - [`buffer_ring_exhausted`](WorkerStatsWriter::buffer_ring_exhausted): a recv ended with ENOBUFS.
+//! - [`buffer_ring_exhausted`](WorkerStatsWriter::buffer_ring_exhausted): a recv got ENOBUFS.
 //!
 //! # Per backend: [`BackendStats`]
 //!
