@@ -117,7 +117,14 @@ pub fn resolve(
         Query::new(id_aaaa, &qname, RecordType::Aaaa),
     ];
 
-    let io_error = |error| DnsError::Io { nameserver, error };
+    let io_error = |error: io::Error| match error.kind() {
+        // A socket timeout on the TCP retry.
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => DnsError::Timeout {
+            nameserver,
+            after: timeout,
+        },
+        _ => DnsError::Io { nameserver, error },
+    };
     exchange_udp(&mut queries, nameserver, deadline).map_err(io_error)?;
     for query in &mut queries {
         if matches!(query.outcome, Outcome::Truncated) {
@@ -173,21 +180,36 @@ impl<'a> Query<'a> {
         }
     }
 
-    /// Takes `response` as this query's answer unless it is someone else's.
-    fn accept(&mut self, response: &[u8]) {
-        self.outcome = match parse_response(response, self.id, self.qname, self.qtype) {
-            Ok(addresses) => Outcome::Addresses(addresses),
-            Err(ResponseError::NotOurs) => return,
-            Err(ResponseError::Truncated) => Outcome::Truncated,
-            Err(ResponseError::Rcode(rcode)) => Outcome::Failed(match rcode {
-                RCODE_NXDOMAIN => DnsError::NxDomain,
-                RCODE_SERVFAIL => DnsError::ServFail,
-                RCODE_REFUSED => DnsError::Refused,
-                other => DnsError::ServerError(other),
-            }),
-            Err(ResponseError::Malformed(why)) => Outcome::Failed(DnsError::Malformed(why)),
-        };
+    fn is_pending(&self) -> bool {
+        matches!(self.outcome, Outcome::Pending)
     }
+
+    /// What `response` says about this query, or `None` when it is someone else's.
+    fn outcome_of(&self, response: &[u8]) -> Option<Outcome> {
+        Some(
+            match parse_response(response, self.id, self.qname, self.qtype) {
+                Ok(addresses) => Outcome::Addresses(addresses),
+                Err(ResponseError::NotOurs) => return None,
+                Err(ResponseError::Truncated) => Outcome::Truncated,
+                Err(ResponseError::Rcode(rcode)) => Outcome::Failed(match rcode {
+                    RCODE_NXDOMAIN => DnsError::NxDomain,
+                    RCODE_SERVFAIL => DnsError::ServFail,
+                    RCODE_REFUSED => DnsError::Refused,
+                    other => DnsError::ServerError(other),
+                }),
+                Err(ResponseError::Malformed(why)) => Outcome::Failed(DnsError::Malformed(why)),
+            },
+        )
+    }
+}
+
+/// Still worth waiting: some query has no answer yet and none has failed (one failure fails
+/// the lookup, so the other answer would not be used).
+fn waiting(queries: &[Query]) -> bool {
+    queries.iter().any(Query::is_pending)
+        && !queries
+            .iter()
+            .any(|q| matches!(q.outcome, Outcome::Failed(_)))
 }
 
 /// Sends every query and collects answers until all are in or `deadline`; queries still
@@ -209,16 +231,13 @@ fn exchange_udp(
         let now = Instant::now();
         let attempt_deadline =
             now + deadline.saturating_duration_since(now) / (UDP_ATTEMPTS - attempt);
-        for query in queries
-            .iter()
-            .filter(|q| matches!(q.outcome, Outcome::Pending))
-        {
+        if !waiting(queries) {
+            break;
+        }
+        for query in queries.iter().filter(|q| q.is_pending()) {
             socket.send(&query.packet)?;
         }
-        while queries
-            .iter()
-            .any(|q| matches!(q.outcome, Outcome::Pending))
-        {
+        while waiting(queries) {
             let Some(wait) = time_left(attempt_deadline) else {
                 break;
             };
@@ -237,9 +256,9 @@ fn exchange_udp(
                 Err(e) => return Err(e),
             };
             let response = &buffer[..length];
-            for query in queries.iter_mut() {
-                if matches!(query.outcome, Outcome::Pending) {
-                    query.accept(response);
+            for query in queries.iter_mut().filter(|q| q.is_pending()) {
+                if let Some(outcome) = query.outcome_of(response) {
+                    query.outcome = outcome;
                 }
             }
         }
@@ -248,11 +267,7 @@ fn exchange_udp(
 }
 
 /// Asks `query` again over TCP (RFC 1035 4.2.2: each message prefixed by its 2-byte length).
-fn exchange_tcp(
-    query: &mut Query,
-    nameserver: SocketAddr,
-    deadline: Instant,
-) -> io::Result<Outcome> {
+fn exchange_tcp(query: &Query, nameserver: SocketAddr, deadline: Instant) -> io::Result<Outcome> {
     let timed_out = || {
         io::Error::new(
             io::ErrorKind::TimedOut,
@@ -271,17 +286,11 @@ fn exchange_tcp(
     stream.read_exact(&mut length)?;
     let mut response = vec![0u8; usize::from(u16::from_be_bytes(length))];
     stream.read_exact(&mut response)?;
-    query.outcome = Outcome::Pending;
-    query.accept(&response);
-    Ok(
-        match std::mem::replace(&mut query.outcome, Outcome::Pending) {
-            Outcome::Pending => {
-                Outcome::Failed(DnsError::Malformed("the TCP answer is not for our query"))
-            }
-            Outcome::Truncated => Outcome::Failed(DnsError::Malformed("truncated even over TCP")),
-            outcome => outcome,
-        },
-    )
+    Ok(match query.outcome_of(&response) {
+        None => Outcome::Failed(DnsError::Malformed("the TCP answer is not for our query")),
+        Some(Outcome::Truncated) => Outcome::Failed(DnsError::Malformed("truncated even over TCP")),
+        Some(outcome) => outcome,
+    })
 }
 
 /// What is left until `deadline`, or `None` when it has passed. Never zero, which socket
@@ -460,6 +469,47 @@ mod tests {
             received += 1;
         }
         assert_eq!(received, 4);
+    }
+
+    /// Answers each query twice: first with a wrong ID, then with the right one, and an
+    /// address derived from the query type (A: 10.0.0.1, AAAA: fd00::1).
+    fn answer_after_a_stray(server: UdpSocket) {
+        let mut buffer = [0u8; 512];
+        for _ in 0..2 {
+            let Ok((length, client)) = server.recv_from(&mut buffer) else {
+                return;
+            };
+            // The query without its OPT record, as a response with one answer.
+            let mut response = buffer[..length - 11].to_vec();
+            response[2] = 0x81; // QR, RD
+            response[3] = 0x80; // RA, rcode 0
+            response[6..8].copy_from_slice(&1u16.to_be_bytes());
+            response[10..12].copy_from_slice(&0u16.to_be_bytes());
+            let is_aaaa = response[length - 11 - 3] == 28;
+            response.extend_from_slice(&[0xc0, 12, 0, if is_aaaa { 28 } else { 1 }, 0, 1]);
+            response.extend_from_slice(&60u32.to_be_bytes());
+            if is_aaaa {
+                response.extend_from_slice(&[0, 16]);
+                response.extend_from_slice(&"fd00::1".parse::<Ipv6Addr>().unwrap().octets());
+            } else {
+                response.extend_from_slice(&[0, 4, 10, 0, 0, 1]);
+            }
+            let mut stray = response.clone();
+            stray[0] ^= 0xff;
+            let _ = server.send_to(&stray, client);
+            let _ = server.send_to(&response, client);
+        }
+    }
+
+    #[test]
+    fn replies_with_another_id_are_ignored() {
+        let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let nameserver = server.local_addr().unwrap();
+        let thread = std::thread::spawn(move || answer_after_a_stray(server));
+        let got = resolve("web.test", nameserver, Duration::from_secs(5)).unwrap();
+        thread.join().unwrap();
+        let expected: Vec<IpAddr> = vec!["10.0.0.1".parse().unwrap(), "fd00::1".parse().unwrap()];
+        assert_eq!(got, expected);
     }
 
     #[test]
