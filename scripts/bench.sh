@@ -123,8 +123,9 @@ done
 declare -A TARGET PROXY_PID   # "contender/kind" -> addr / pid
 AVAILABLE=()
 
-start_haproxy() {  # kind port
-    local kind=$1 port=$2 cfg="$WORK/haproxy-$1.cfg" i=0 b
+start_haproxy() {  # kind port [tag]
+    local kind=$1 port=$2 tag=${3:-$1} i=0 b
+    local cfg="$WORK/haproxy-$tag.cfg"
     {
         echo "global"
         echo "    nbthread $WORKERS"
@@ -145,11 +146,12 @@ start_haproxy() {  # kind port
             i=$((i + 1)); echo "    server b$i $b"
         done
     } >"$cfg"
-    start_bg "$WORK/haproxy-$kind.log" taskset -c "$PROXY_CPUS" haproxy -db -f "$cfg"
+    start_bg "$WORK/haproxy-$tag.log" taskset -c "$PROXY_CPUS" haproxy -db -f "$cfg"
 }
 
-start_nginx() {  # kind port
-    local kind=$1 port=$2 dir="$WORK/nginx-$1" b
+start_nginx() {  # kind port [tag]
+    local kind=$1 port=$2 tag=${3:-$1} b
+    local dir="$WORK/nginx-$tag"
     mkdir -p "$dir"
     {
         echo "daemon off;"
@@ -173,13 +175,13 @@ start_nginx() {  # kind port
         echo "    }"
         echo "}"
     } >"$dir/nginx.conf"
-    start_bg "$WORK/nginx-$kind.log" taskset -c "$PROXY_CPUS" nginx -e "$dir/stderr.log" -p "$dir" -c "$dir/nginx.conf"
+    start_bg "$WORK/nginx-$tag.log" taskset -c "$PROXY_CPUS" nginx -e "$dir/stderr.log" -p "$dir" -c "$dir/nginx.conf"
 }
 
-start_ringway() {  # kind port
-    local kind=$1 port=$2 args=() b
+start_ringway() {  # kind port [tag]
+    local kind=$1 port=$2 tag=${3:-$1} args=() b
     for b in ${BACKENDS[$kind]}; do args+=(--backend "$b"); done
-    start_bg "$WORK/ringway-$kind.log" taskset -c "$PROXY_CPUS" "$RINGWAY" --listen "127.0.0.1:$port" \
+    start_bg "$WORK/ringway-$tag.log" taskset -c "$PROXY_CPUS" "$RINGWAY" --listen "127.0.0.1:$port" \
         "${args[@]}" --workers "$WORKERS" --hash-key src-ip --connect-timeout 3s --idle-timeout 10m \
         --max-conns "$MAX_CONNS"
 }
@@ -273,9 +275,19 @@ PY
 }
 
 run_idle() {  # contender rep
-    local c=$1 rep=$2 target pid rss0 rss1 ready="$WORK/idle.ready" ipid rc out
-    target=${TARGET[$c/echo]}; pid=${PROXY_PID[$c/echo]}
-    [ -n "$pid" ] || return 0    # RSS per flow only means something for a proxy
+    local c=$1 rep=$2 target pid rss0 rss1 ready="$WORK/idle.ready" ipid rc out port
+    [ "$c" != direct ] || return 0    # RSS per flow only means something for a proxy
+    # A fresh proxy instance for every measurement: an allocator keeps memory after flows
+    # close, so a proxy that already carried flows would show too little growth.
+    port=$(free_port)
+    "start_$c" echo "$port" "idle-$rep"
+    pid=$BG_PID
+    if [ "$c" = ringway ]; then wait_line "$WORK/ringway-idle-$rep.log" "listening on" 10 "$pid"; fi
+    if ! wait_port 127.0.0.1 "$port" 10; then
+        log "$c idle instance did not start"; kill -TERM "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
+        return 0
+    fi
+    target="127.0.0.1:$port"
     rm -f "$ready"
     rss0=$(rss_kb "$pid")
     taskset -c "$CLIENT_CPUS" "$LOAD" idle --target "$target" --conns "$IDLE_FLOWS" --sources "$SOURCES" \
@@ -288,6 +300,7 @@ run_idle() {  # contender rep
     kill -USR1 "$ipid" 2>/dev/null
     wait "$ipid"; rc=$?
     out=$(cat "$WORK/idle.out")
+    kill -TERM "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
     record "$c" idle "$rep" "$rc" null ",\"flows\":$IDLE_FLOWS,\"rss_before_kb\":$rss0,\"rss_ready_kb\":$rss1" "$out"
     log "$(printf '%-8s %-9s rep %s rc=%s rss %s kB -> %s kB (%s B/flow) %s' "$c" idle "$rep" "$rc" "$rss0" "$rss1" \
         "$(( (rss1 - rss0) * 1024 / IDLE_FLOWS ))" "$(summary "$out")")"
