@@ -11,6 +11,7 @@ use std::time::Duration;
 use argh::FromArgs;
 
 use crate::balance::{Algorithm, HashKey, DEFAULT_VNODES};
+use crate::discovery::dns::DnsTarget;
 
 /// Ringway: a Layer-4 TCP proxy and load balancer on io_uring. Each client flow is pinned to one
 /// backend by consistent hashing of the client address; bytes are relayed both ways unchanged.
@@ -113,6 +114,38 @@ pub struct Flags {
     #[argh(option)]
     pub fail_timeout: Option<String>,
 
+    /// file of backends, one a line in --backend syntax, # comments; re-read on SIGHUP and when it changes
+    #[argh(option)]
+    pub backends_file: Option<String>,
+
+    /// a DNS name whose A/AAAA addresses are backends, as NAME:PORT; re-resolved every --dns-refresh; repeatable
+    #[argh(option)]
+    pub backend_dns: Vec<String>,
+
+    /// how often --backend-dns names are resolved again (default 5s)
+    #[argh(option)]
+    pub dns_refresh: Option<String>,
+
+    /// DNS server for --backend-dns as IP:PORT (default: the first nameserver in /etc/resolv.conf)
+    #[argh(option)]
+    pub dns_server: Option<String>,
+
+    /// how long flows on a removed backend may continue before they are closed; 0 = until they end (default 0)
+    #[argh(option)]
+    pub drain_timeout: Option<String>,
+
+    /// on SIGTERM/SIGINT, how long live flows may finish before the rest are closed (default 10s); a second signal closes at once
+    #[argh(option)]
+    pub shutdown_timeout: Option<String>,
+
+    /// serve GET /metrics (Prometheus) and GET /backends (JSON) on this address, e.g. 127.0.0.1:9000 (off by default)
+    #[argh(option)]
+    pub admin: Option<String>,
+
+    /// write one JSON line per finished flow to this file, or - for stdout (off by default)
+    #[argh(option)]
+    pub access_log: Option<String>,
+
     /// print the backend each client address (IP or IP:PORT) maps to, without listening, and exit; repeatable
     #[argh(option)]
     pub show_mapping: Vec<String>,
@@ -189,6 +222,17 @@ pub struct Config {
     pub health: HealthConfig,
     /// Client addresses to print the mapping of (and exit) instead of serving.
     pub show_mapping: Vec<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    /// A path, or "-" for stdout.
+    pub access_log: Option<String>,
+    pub backends_file: Option<std::path::PathBuf>,
+    pub backend_dns: Vec<DnsTarget>,
+    pub dns_refresh: Duration,
+    /// `None`: the system's nameserver.
+    pub dns_server: Option<SocketAddr>,
+    /// `None`: flows on removed backends run until they end.
+    pub drain_timeout: Option<Duration>,
+    pub shutdown_timeout: Duration,
 }
 
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -251,10 +295,11 @@ impl Config {
             )
         })?;
 
-        if flags.backend.is_empty() {
+        if flags.backend.is_empty() && flags.backends_file.is_none() && flags.backend_dns.is_empty()
+        {
             return Err(flag_error(
                 "--backend",
-                "at least one is required (e.g. --backend 10.0.0.11:80)",
+                "at least one is required (e.g. --backend 10.0.0.11:80), or --backends-file or --backend-dns",
             ));
         }
         let backends = flags
@@ -263,7 +308,7 @@ impl Config {
             .map(|text| parse_backend(text).map_err(|m| flag_error("--backend", m)))
             .collect::<Result<Vec<_>, _>>()?;
         check_unique_names(&backends)?;
-        if backends.iter().all(|b| b.weight == 0) {
+        if !backends.is_empty() && backends.iter().all(|b| b.weight == 0) {
             return Err(flag_error("--backend", "every backend has weight 0"));
         }
 
@@ -366,6 +411,49 @@ impl Config {
             Some(text) => Some(parse_in_range("--hash-balance-factor", text, 100, 10_000)? as u32),
         };
         let health = health_from_flags(flags)?;
+        let admin = match &flags.admin {
+            None => None,
+            Some(text) => Some(text.parse::<SocketAddr>().map_err(|_| {
+                flag_error(
+                    "--admin",
+                    format!("'{text}' is not an IP:PORT address (e.g. 127.0.0.1:9000)"),
+                )
+            })?),
+        };
+        let backend_dns = flags
+            .backend_dns
+            .iter()
+            .map(|text| {
+                text.parse::<DnsTarget>()
+                    .map_err(|e| flag_error("--backend-dns", e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let optional_duration = |flag: &'static str, value: &Option<String>| match value {
+            None => Ok(None),
+            Some(text) => parse_duration(text)
+                .map(|d| (!d.is_zero()).then_some(d))
+                .map_err(|m| flag_error(flag, m)),
+        };
+        let dns_refresh = optional_duration("--dns-refresh", &flags.dns_refresh)?
+            .unwrap_or(Duration::from_secs(5));
+        let dns_server = match &flags.dns_server {
+            None => None,
+            Some(text) => Some(text.parse::<SocketAddr>().map_err(|_| {
+                flag_error(
+                    "--dns-server",
+                    format!("'{text}' is not an IP:PORT address"),
+                )
+            })?),
+        };
+        let drain_timeout = optional_duration("--drain-timeout", &flags.drain_timeout)?;
+        let shutdown_timeout = match &flags.shutdown_timeout {
+            None => Duration::from_secs(10),
+            Some(text) => parse_duration(text).map_err(|m| flag_error("--shutdown-timeout", m))?,
+        };
+        let access_log = match flags.access_log.as_deref() {
+            Some("") => return Err(flag_error("--access-log", "needs a path or - for stdout")),
+            other => other.map(str::to_string),
+        };
 
         Ok(Config {
             listen,
@@ -386,6 +474,14 @@ impl Config {
             hash_balance_factor,
             health,
             show_mapping,
+            admin,
+            access_log,
+            backends_file: flags.backends_file.as_ref().map(std::path::PathBuf::from),
+            backend_dns,
+            dns_refresh,
+            dns_server,
+            drain_timeout,
+            shutdown_timeout,
         })
     }
 }

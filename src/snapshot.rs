@@ -14,9 +14,12 @@ use socket2::SockAddr;
 
 use crate::balance::{Algorithm, BackendId, Table};
 use crate::config::Balance;
+use crate::metrics::BackendStats;
 
-/// Active flows of one backend, counted by every worker at flow start and end (never per byte).
-/// Kept by the control thread by backend name, so the count survives snapshot changes.
+/// Flows assigned to one backend, counted by every worker from the moment it picks the backend
+/// (not from connect success, so a burst of connects does not all pile onto the same
+/// "least loaded" backend) until the flow ends; never per byte. Kept by the control thread by
+/// backend name, so the count survives snapshot changes. Metrics live in `BackendStats`.
 #[derive(Debug, Default)]
 pub struct BackendLoad {
     pub active: AtomicU64,
@@ -26,13 +29,14 @@ pub struct BackendLoad {
 #[derive(Debug)]
 pub struct Backend {
     /// Identity for hashing and the name in logs: the configured address text.
-    pub name: String,
+    pub name: Arc<str>,
     pub addr: SocketAddr,
     /// The address in the form connect() takes; the kernel copies it when the connect is submitted.
     pub sockaddr: SockAddr,
     pub weight: u32,
     pub backup: bool,
     pub load: Arc<BackendLoad>,
+    pub stats: Arc<BackendStats>,
 }
 
 /// How a snapshot picks among healthy backends.
@@ -64,7 +68,7 @@ impl BackendSet {
         let ids: Vec<BackendId> = backends
             .iter()
             .map(|b| BackendId {
-                name: b.name.clone(),
+                name: b.name.to_string(),
                 weight: b.weight,
                 backup: b.backup,
             })
@@ -274,12 +278,13 @@ mod tests {
     fn backend(name: &str, weight: u32, backup: bool) -> Backend {
         let addr: SocketAddr = name.parse().unwrap();
         Backend {
-            name: name.to_string(),
+            name: name.into(),
             addr,
             sockaddr: SockAddr::from(addr),
             weight,
             backup,
             load: Arc::new(BackendLoad::default()),
+            stats: Arc::new(BackendStats::new()),
         }
     }
 

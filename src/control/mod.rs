@@ -1,6 +1,7 @@
 //! The control side of the process: start-up (resolve, bind, spawn pinned workers), then the
 //! control loop that owns the backend set and its health, publishes immutable snapshots to the
-//! workers, and handles signals.
+//! workers, follows the backend sources (file, DNS), serves the admin endpoint, and handles
+//! signals (SIGHUP reload, SIGTERM/SIGINT drain, a second one stops at once).
 //!
 //! Workers get commands over crossbeam channels, each followed by a byte on the worker's wake
 //! pipe so its ring notices at once. Workers report passive failures back on a bounded channel
@@ -9,6 +10,8 @@
 pub mod access_log;
 pub mod admin;
 pub mod health;
+mod sources;
+mod view;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -20,16 +23,19 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{select, Receiver, Sender};
-use log::{info, warn};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use log::{error, info, warn};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::balance::flow_key_hash;
 use crate::config::{BackendSpec, Config};
+use crate::metrics::{BackendStats, WorkerStatsWriter};
 use crate::net;
 use crate::snapshot::{Backend, BackendLoad, BackendSet, PickState, Policy, Snapshot};
 use crate::worker::{self, Command, Settings, WorkerSetup};
 use health::{CheckResult, CheckTarget, Health};
+use sources::{DnsAnswer, Sources};
+use view::View;
 
 /// A start-up failure: the process exits with status 1 and this one-line message.
 #[derive(Debug)]
@@ -43,15 +49,13 @@ impl fmt::Display for StartError {
 
 impl std::error::Error for StartError {}
 
-/// What workers and helper threads tell the control thread.
+/// What workers tell the control thread.
 pub enum Event {
-    Signal(i32),
     /// A flow failed to connect to backend `index` of `set`, or the backend reset it before
     /// sending a byte.
-    BackendFailure {
-        set: Arc<BackendSet>,
-        index: usize,
-    },
+    BackendFailure { set: Arc<BackendSet>, index: usize },
+    /// A worker thread ended; `panicked` if it did not end by a stop or drain.
+    WorkerExited { id: usize, panicked: bool },
 }
 
 /// Events queued from workers before the control thread reads them; beyond this, failures are
@@ -59,11 +63,15 @@ pub enum Event {
 const EVENT_QUEUE: usize = 4096;
 /// Descriptors kept back from the flow budget: listeners, rings, pipes, logs.
 const RESERVED_FDS: u64 = 64;
+/// Queue of the access-log writer; about 150 bytes a record.
+const ACCESS_LOG_QUEUE: usize = 16384;
+/// Keys sampled to report what fraction of the key space a backend change moved.
+const MOVED_SAMPLE: u64 = 65536;
 
 struct WorkerHandle {
     commands: Sender<Command>,
     wake: std::io::PipeWriter,
-    thread: JoinHandle<()>,
+    thread: Option<JoinHandle<()>>,
 }
 
 impl WorkerHandle {
@@ -81,24 +89,28 @@ struct BackendEntry {
     health: Health,
 }
 
+/// Counters that belong to a backend name and outlive backend-set changes.
+#[derive(Clone, Default)]
+struct Shared {
+    load: Arc<BackendLoad>,
+    stats: Arc<BackendStats>,
+}
+
 /// Starts the proxy and serves until SIGINT or SIGTERM; returns after every worker has closed
 /// its flows and exited. With `--show-mapping` it prints the mapping and returns at once.
 pub fn run(config: Config) -> Result<(), StartError> {
-    let mut entries = Vec::with_capacity(config.backends.len());
-    for spec in &config.backends {
-        let addr = net::resolve(spec).map_err(StartError)?;
-        entries.push(BackendEntry {
-            spec: spec.clone(),
-            addr,
-            health: Health::new(),
-        });
+    let sources = Sources::load(&config).map_err(StartError)?;
+    let specs = sources.merged();
+    if specs.is_empty() {
+        return Err(StartError("no backends configured".into()));
     }
+    let entries = resolve_all(&specs, &[]).map_err(StartError)?;
     let mut control = Controller {
         policy: Policy {
             balance: config.balance,
             hash_balance_factor: config.hash_balance_factor,
         },
-        loads: HashMap::new(),
+        shared: HashMap::new(),
         set: Arc::new(BackendSet::new(
             Vec::new(),
             config.algorithm,
@@ -107,9 +119,13 @@ pub fn run(config: Config) -> Result<(), StartError> {
             0,
         )),
         entries,
+        sources,
         workers: Vec::new(),
         health_targets: None,
         events: None,
+        view: None,
+        access_log_writer: None,
+        exit_error: None,
         config,
     };
     control.rebuild_set();
@@ -122,17 +138,44 @@ pub fn run(config: Config) -> Result<(), StartError> {
     control.serve()
 }
 
+/// Resolves every spec; entries of names already known keep their health state.
+fn resolve_all(
+    specs: &[BackendSpec],
+    previous: &[BackendEntry],
+) -> Result<Vec<BackendEntry>, String> {
+    specs
+        .iter()
+        .map(|spec| {
+            let addr = net::resolve(spec)?;
+            let health = previous
+                .iter()
+                .find(|e| e.spec.name == spec.name && e.addr == addr)
+                .map(|e| e.health.clone())
+                .unwrap_or_default();
+            Ok(BackendEntry {
+                spec: spec.clone(),
+                addr,
+                health,
+            })
+        })
+        .collect()
+}
+
 struct Controller {
     config: Config,
     entries: Vec<BackendEntry>,
-    /// Active-flow gauges by backend name, so counts survive changes of the backend set.
-    loads: HashMap<String, Arc<BackendLoad>>,
+    sources: Sources,
+    shared: HashMap<String, Shared>,
     set: Arc<BackendSet>,
     policy: Policy,
     workers: Vec<WorkerHandle>,
     health_targets: Option<Sender<Vec<CheckTarget>>>,
     /// Events from workers; taken by the control loop.
     events: Option<Receiver<Event>>,
+    view: Option<Arc<View>>,
+    access_log_writer: Option<JoinHandle<()>>,
+    /// Set when a worker died: the process stops and exits non-zero.
+    exit_error: Option<String>,
 }
 
 impl Controller {
@@ -141,13 +184,18 @@ impl Controller {
         let backends = self
             .entries
             .iter()
-            .map(|entry| Backend {
-                name: entry.spec.name.clone(),
-                addr: entry.addr,
-                sockaddr: entry.addr.into(),
-                weight: entry.spec.weight,
-                backup: entry.spec.backup,
-                load: Arc::clone(self.loads.entry(entry.spec.name.clone()).or_default()),
+            .map(|entry| {
+                let shared = self.shared.entry(entry.spec.name.clone()).or_default();
+                shared.stats.set_healthy(entry.health.is_up());
+                Backend {
+                    name: entry.spec.name.as_str().into(),
+                    addr: entry.addr,
+                    sockaddr: entry.addr.into(),
+                    weight: entry.spec.weight,
+                    backup: entry.spec.backup,
+                    load: Arc::clone(&shared.load),
+                    stats: Arc::clone(&shared.stats),
+                }
             })
             .collect();
         self.set = Arc::new(BackendSet::new(
@@ -168,6 +216,9 @@ impl Controller {
         let snapshot = self.snapshot();
         for worker in &mut self.workers {
             worker.send(Command::Snapshot(Arc::clone(&snapshot)));
+        }
+        if let Some(view) = &self.view {
+            view.set_snapshot(snapshot);
         }
     }
 
@@ -201,6 +252,22 @@ impl Controller {
             .map_err(|e| StartError(format!("cannot listen on {listen}: {e}")))?;
         let listen_addr = net::local_addr(&listeners[0])
             .map_err(|e| StartError(format!("cannot listen on {listen}: {e}")))?;
+        let admin_listener = match self.config.admin {
+            Some(addr) => Some(
+                std::net::TcpListener::bind(addr)
+                    .map_err(|e| StartError(format!("--admin: cannot listen on {addr}: {e}")))?,
+            ),
+            None => None,
+        };
+        let access_log = match &self.config.access_log {
+            Some(target) => {
+                let (log, writer) = access_log::open(target, ACCESS_LOG_QUEUE)
+                    .map_err(|e| StartError(format!("--access-log {target}: {e}")))?;
+                self.access_log_writer = Some(writer);
+                Some(log)
+            }
+            None => None,
+        };
 
         let settings = Settings {
             hash_key: self.config.hash_key,
@@ -217,10 +284,13 @@ impl Controller {
         let active_flows = Arc::new(AtomicUsize::new(0));
         let (ready_tx, ready_rx) = crossbeam_channel::bounded(workers);
         let snapshot = self.snapshot();
+        let mut worker_stats = Vec::with_capacity(workers);
         for (id, listener) in listeners.into_iter().enumerate() {
             let (commands, command_rx) = crossbeam_channel::unbounded();
             let (wake_rx, wake_tx) = std::io::pipe()
                 .map_err(|e| StartError(format!("cannot create a wake-up pipe: {e}")))?;
+            let stats = WorkerStatsWriter::new();
+            worker_stats.push(Arc::clone(stats.stats()));
             let setup = WorkerSetup {
                 id,
                 listener,
@@ -230,22 +300,31 @@ impl Controller {
                 settings: settings.clone(),
                 active_flows: Arc::clone(&active_flows),
                 events: events_tx.clone(),
+                stats,
+                access_log: access_log.clone(),
+                listen_addr,
             };
             let cpu = (!cpus.is_empty()).then(|| cpus[id % cpus.len()]);
             let ready = ready_tx.clone();
+            let exits = events_tx.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("ringway-w{id}"))
                 .spawn(move || {
                     if let Some(cpu) = cpu {
                         core_affinity::set_for_current(cpu);
                     }
-                    worker::run(setup, ready);
+                    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        worker::run(setup, ready)
+                    }));
+                    let panicked = outcome.is_err();
+                    let _ = exits
+                        .send_timeout(Event::WorkerExited { id, panicked }, Duration::from_secs(1));
                 })
                 .map_err(|e| StartError(format!("cannot start worker thread: {e}")))?;
             self.workers.push(WorkerHandle {
                 commands,
                 wake: wake_tx,
-                thread,
+                thread: Some(thread),
             });
         }
         drop(ready_tx);
@@ -262,20 +341,18 @@ impl Controller {
             return Err(StartError(message));
         }
 
-        let names: Vec<String> = self
-            .entries
-            .iter()
-            .map(|e| {
-                let mut text = e.spec.name.clone();
-                if e.spec.name != e.addr.to_string() {
-                    text = format!("{text} ({})", e.addr);
-                }
-                if e.spec.backup {
-                    text.push_str(" backup");
-                }
-                text
-            })
-            .collect();
+        let view = Arc::new(View::new(worker_stats, snapshot, access_log));
+        if let Some(listener) = admin_listener {
+            let addr = listener.local_addr().ok();
+            admin::spawn(listener, Arc::clone(&view) as Arc<dyn admin::AdminView>)
+                .map_err(|e| StartError(format!("--admin: cannot start: {e}")))?;
+            if let Some(addr) = addr {
+                info!("admin endpoint on http://{addr}/metrics and /backends");
+            }
+        }
+        self.view = Some(view);
+
+        let names: Vec<String> = self.entries.iter().map(describe).collect();
         info!(
             "listening on {listen_addr} with {workers} workers, max {max_conns} flows, backends: {}",
             names.join(", ")
@@ -287,14 +364,14 @@ impl Controller {
     fn serve(&mut self) -> Result<(), StartError> {
         let events = self.events.take().expect("workers started");
         let (signal_tx, signal_rx) = crossbeam_channel::bounded(8);
-        let mut signals = Signals::new([SIGINT, SIGTERM])
+        let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])
             .map_err(|e| StartError(format!("cannot install signal handlers: {e}")))?;
         let signal_handle = signals.handle();
         let signal_thread = std::thread::Builder::new()
             .name("ringway-signals".into())
             .spawn(move || {
                 for signal in signals.forever() {
-                    if signal_tx.send(Event::Signal(signal)).is_err() {
+                    if signal_tx.send(signal).is_err() {
                         return;
                     }
                 }
@@ -318,25 +395,74 @@ impl Controller {
         } else {
             drop(check_tx);
         }
+        let (dns_tx, dns_rx) = crossbeam_channel::unbounded::<DnsAnswer>();
+        let (dns_stop_tx, dns_stop_rx) = crossbeam_channel::bounded::<()>(1);
+        let mut dns_thread = None;
+        if !self.config.backend_dns.is_empty() {
+            let nameserver = sources::nameserver(&self.config).map_err(StartError)?;
+            dns_thread = Some(
+                sources::spawn_dns_refresher(
+                    self.config.backend_dns.clone(),
+                    nameserver,
+                    self.config.dns_refresh,
+                    dns_tx,
+                    dns_stop_rx,
+                )
+                .map_err(|e| StartError(format!("cannot start the DNS refresher: {e}")))?,
+            );
+        } else {
+            drop(dns_tx);
+        }
         let ticker = crossbeam_channel::tick(Duration::from_secs(1));
 
-        loop {
+        let mut draining = false;
+        let mut running = self.workers.len();
+        while running > 0 {
             select! {
-                recv(signal_rx) -> event => {
-                    if let Ok(Event::Signal(signal)) = event {
+                recv(signal_rx) -> signal => match signal {
+                    Ok(SIGHUP) => self.reload("SIGHUP"),
+                    Ok(signal) => {
                         let name = if signal == SIGINT { "SIGINT" } else { "SIGTERM" };
-                        info!("{name}: closing listeners and flows");
-                        break;
+                        if draining {
+                            info!("{name} again: closing every flow now");
+                            self.broadcast(|| Command::Stop);
+                        } else {
+                            draining = true;
+                            let deadline = Instant::now() + self.config.shutdown_timeout;
+                            info!(
+                                "{name}: listeners closed, letting live flows finish for up to {:?} \
+                                 (send it again to close them now)",
+                                self.config.shutdown_timeout
+                            );
+                            self.broadcast(|| Command::Drain { deadline });
+                        }
                     }
-                }
-                recv(events) -> event => {
-                    if let Ok(event) = event {
-                        self.on_event(event);
+                    Err(_) => break,
+                },
+                recv(events) -> event => match event {
+                    Ok(Event::WorkerExited { id, panicked }) => {
+                        running -= 1;
+                        if panicked || !draining {
+                            let message = format!("worker {id} stopped unexpectedly");
+                            error!("{message}; stopping the process");
+                            self.exit_error.get_or_insert(message);
+                            draining = true;
+                            self.broadcast(|| Command::Stop);
+                        }
                     }
-                }
+                    Ok(event) => self.on_event(event),
+                    Err(_) => break,
+                },
                 recv(check_rx) -> result => {
                     if let Ok(result) = result {
                         self.on_check(result);
+                    }
+                }
+                recv(dns_rx) -> answer => {
+                    if let Ok(answer) = answer {
+                        if self.sources.apply_dns(answer) {
+                            self.apply_sources("DNS");
+                        }
                     }
                 }
                 recv(ticker) -> _ => self.on_tick(),
@@ -345,12 +471,32 @@ impl Controller {
         signal_handle.close();
         let _ = signal_thread.join();
         self.health_targets = None; // disconnects the checker, which then exits
+        drop(dns_stop_tx);
         self.stop_workers();
         if let Some(thread) = health_thread {
             let _ = thread.join();
         }
-        info!("stopped");
-        Ok(())
+        if let Some(thread) = dns_thread {
+            let _ = thread.join();
+        }
+        // The workers' access-log senders are gone: the writer flushes and ends.
+        self.view = None;
+        if let Some(writer) = self.access_log_writer.take() {
+            let _ = writer.join();
+        }
+        match self.exit_error.take() {
+            Some(message) => Err(StartError(message)),
+            None => {
+                info!("stopped");
+                Ok(())
+            }
+        }
+    }
+
+    fn broadcast(&mut self, command: impl Fn() -> Command) {
+        for worker in &mut self.workers {
+            worker.send(command());
+        }
     }
 
     fn check_targets(&self) -> Vec<CheckTarget> {
@@ -367,32 +513,25 @@ impl Controller {
     }
 
     fn on_event(&mut self, event: Event) {
-        match event {
-            Event::Signal(_) => {}
-            Event::BackendFailure { set, index } => {
-                let Some(name) = set.backends.get(index).map(|b| b.name.clone()) else {
-                    return;
-                };
-                let Some(i) = self.entries.iter().position(|e| e.spec.name == name) else {
-                    return; // removed since
-                };
-                let config = &self.config.health;
-                if let Some(up) = self.entries[i]
-                    .health
-                    .on_passive_failure(Instant::now(), config)
-                {
-                    self.log_transition(
-                        i,
-                        up,
-                        "passive",
-                        &format!(
-                            "{} failed connects or early resets within {:?}",
-                            config.max_fails, config.fail_timeout
-                        ),
-                    );
-                    self.publish();
-                }
-            }
+        let Event::BackendFailure { set, index } = event else {
+            return;
+        };
+        let Some(name) = set.backends.get(index).map(|b| Arc::clone(&b.name)) else {
+            return;
+        };
+        let Some(i) = self.entries.iter().position(|e| *e.spec.name == *name) else {
+            return; // removed since
+        };
+        let config = &self.config.health;
+        if let Some(up) = self.entries[i]
+            .health
+            .on_passive_failure(Instant::now(), config)
+        {
+            let detail = format!(
+                "{} failed connects or early resets within {:?}",
+                config.max_fails, config.fail_timeout
+            );
+            self.transition(i, up, "passive", &detail);
         }
     }
 
@@ -412,27 +551,28 @@ impl Controller {
                     self.config.health.fall, result.detail
                 )
             };
-            self.log_transition(i, up, "check", &detail);
-            self.publish();
+            self.transition(i, up, "check", &detail);
         }
     }
 
     fn on_tick(&mut self) {
         let now = Instant::now();
-        let mut changed = false;
         for i in 0..self.entries.len() {
             if let Some(up) = self.entries[i].health.on_tick(now, &self.config.health) {
-                self.log_transition(i, up, "retry", "fail timeout passed");
-                changed = true;
+                self.transition(i, up, "retry", "fail timeout passed");
             }
         }
-        if changed {
-            self.publish();
+        if self.sources.file_changed() {
+            self.reload("file change");
         }
     }
 
-    fn log_transition(&self, i: usize, up: bool, how: &str, detail: &str) {
+    /// Logs a health change, updates the metrics and sends workers the new mask.
+    fn transition(&mut self, i: usize, up: bool, how: &str, detail: &str) {
         let name = &self.entries[i].spec.name;
+        if let Some(shared) = self.shared.get(name) {
+            shared.stats.set_healthy(up);
+        }
         let healthy = self.entries.iter().filter(|e| e.health.is_up()).count();
         let total = self.entries.len();
         if up {
@@ -443,18 +583,126 @@ impl Controller {
         if healthy == 0 {
             warn!("no backend is healthy: new flows are refused until one comes back");
         }
+        self.publish();
+    }
+
+    /// SIGHUP or a file change: re-read the backends file and apply it as a whole.
+    fn reload(&mut self, why: &str) {
+        if !self.sources.has_file() {
+            if why == "SIGHUP" {
+                info!("SIGHUP: no --backends-file to reload");
+            }
+            return;
+        }
+        match self.sources.reload_file() {
+            Ok(()) => self.apply_sources(why),
+            Err(e) => warn!("{why}: {e}; keeping the running backends"),
+        }
+    }
+
+    /// Makes the merged source lists the running backend set: only changed backends' keys move;
+    /// removed backends take no new flows, and their live flows go on (up to --drain-timeout).
+    fn apply_sources(&mut self, why: &str) {
+        let specs = self.sources.merged();
+        if specs.is_empty() {
+            warn!("{why}: the backend list would be empty; keeping the running backends");
+            return;
+        }
+        let unchanged = specs.len() == self.entries.len()
+            && specs.iter().zip(&self.entries).all(|(s, e)| *s == e.spec);
+        if unchanged {
+            return;
+        }
+        let entries = match resolve_all(&specs, &self.entries) {
+            Ok(entries) => entries,
+            Err(e) => {
+                warn!("{why}: {e}; keeping the running backends");
+                return;
+            }
+        };
+        let old_set = Arc::clone(&self.set);
+        let added: Vec<String> = entries
+            .iter()
+            .filter(|e| !self.entries.iter().any(|o| o.spec.name == e.spec.name))
+            .map(describe)
+            .collect();
+        let removed: Vec<Arc<str>> = self
+            .entries
+            .iter()
+            .filter(|o| !entries.iter().any(|e| e.spec.name == o.spec.name))
+            .map(|o| Arc::from(o.spec.name.as_str()))
+            .collect();
+        self.entries = entries;
+        self.rebuild_set();
+        self.shared
+            .retain(|name, _| self.entries.iter().any(|e| e.spec.name == *name));
+        let moved = moved_fraction(&old_set, &self.set);
+        info!(
+            "{why}: backends changed (added: [{}], removed: [{}], {} total); {:.1}% of keys moved",
+            added.join(", "),
+            removed
+                .iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            self.entries.len(),
+            moved * 100.0
+        );
+        self.publish();
+        if let Some(targets) = &self.health_targets {
+            let _ = targets.try_send(self.check_targets());
+        }
+        if let (Some(timeout), false) = (self.config.drain_timeout, removed.is_empty()) {
+            let deadline = Instant::now() + timeout;
+            self.broadcast(|| Command::CloseBackends {
+                names: removed.clone(),
+                deadline,
+            });
+        }
     }
 
     fn stop_workers(&mut self) {
+        self.broadcast(|| Command::Stop);
         for worker in &mut self.workers {
-            worker.send(Command::Stop);
-        }
-        for worker in self.workers.drain(..) {
-            if worker.thread.join().is_err() {
-                warn!("a worker thread panicked while stopping");
+            if let Some(thread) = worker.thread.take() {
+                if thread.join().is_err() {
+                    warn!("a worker thread panicked while stopping");
+                }
             }
         }
+        self.workers.clear();
     }
+}
+
+fn describe(entry: &BackendEntry) -> String {
+    let mut text = entry.spec.name.clone();
+    if entry.spec.name != entry.addr.to_string() {
+        text = format!("{text} ({})", entry.addr);
+    }
+    if entry.spec.backup {
+        text.push_str(" backup");
+    }
+    text
+}
+
+/// Fraction of a sample of keys whose backend (by name) differs between two sets, all healthy.
+fn moved_fraction(old: &BackendSet, new: &BackendSet) -> f64 {
+    let mut moved = 0u64;
+    for k in 0..MOVED_SAMPLE {
+        let key = k.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let before = old
+            .table
+            .choose(key, |_| true)
+            .map(|i| &old.backends[i].name);
+        let after = new
+            .table
+            .choose(key, |_| true)
+            .map(|i| &new.backends[i].name);
+        if before != after {
+            moved += 1;
+        }
+    }
+    moved as f64 / MOVED_SAMPLE as f64
 }
 
 /// Raises the soft open-file limit to the hard one (each flow needs two descriptors) and

@@ -25,8 +25,10 @@ use slab::Slab;
 use socket2::{SockRef, Socket};
 
 use crate::balance::{flow_key_hash, HashKey};
+use crate::control::access_log::{AccessLog, FlowRecord};
 use crate::control::Event;
 use crate::flow::{CloseReason, Ending, Flow, Limits, Op, Phase, Side};
+use crate::metrics::{CloseKind, WorkerStatsWriter};
 use crate::net;
 use crate::snapshot::{BackendLoad, BackendSet, PickState, Snapshot};
 use bufring::BufRing;
@@ -40,6 +42,13 @@ pub enum Command {
     Snapshot(Arc<Snapshot>),
     /// Stop accepting, close every flow, and end the thread.
     Stop,
+    /// Stop accepting; let live flows finish, close what is left at `deadline`, then end.
+    Drain { deadline: Instant },
+    /// These backends were removed: close their flows that are still open at `deadline`.
+    CloseBackends {
+        names: Vec<Arc<str>>,
+        deadline: Instant,
+    },
 }
 
 /// Everything a worker needs, handed over when its thread starts.
@@ -54,6 +63,11 @@ pub struct WorkerSetup {
     pub active_flows: Arc<AtomicUsize>,
     /// Passive health reports to the control thread (never blocks: `try_send`).
     pub events: Sender<Event>,
+    /// This worker's counters; the control thread reads them through `stats()`.
+    pub stats: WorkerStatsWriter,
+    pub access_log: Option<AccessLog>,
+    /// The listening address, for access-log lines.
+    pub listen_addr: SocketAddr,
 }
 
 #[derive(Clone, Debug)]
@@ -97,6 +111,11 @@ struct Slot {
     last_active: u64,
     /// Filed in the timer wheel for the idle timeout.
     timer_filed: bool,
+    accepted_at: Instant,
+    /// When the connect in flight was submitted.
+    connect_started: Option<Instant>,
+    /// How long the successful connect took.
+    connect_time: Option<Duration>,
 }
 
 /// Why accepting is paused, if it is.
@@ -145,8 +164,17 @@ struct Worker {
     started: Instant,
     tick: Duration,
     idle_ticks: Option<u64>,
+    /// No new flows: draining or stopping.
     stopping: bool,
+    /// Every flow is being closed now.
+    hard_stop: bool,
+    drain_deadline: Option<Instant>,
+    /// Removed backends whose remaining flows close at the deadline.
+    backend_deadlines: Vec<(Vec<Arc<str>>, Instant)>,
     accept_errors: RateLimited,
+    stats: WorkerStatsWriter,
+    access_log: Option<AccessLog>,
+    listen_addr: SocketAddr,
 }
 
 /// Runs a worker on the current thread until it is told to stop. Ring set-up errors are
@@ -223,7 +251,13 @@ impl Worker {
             tick,
             idle_ticks,
             stopping: false,
+            hard_stop: false,
+            drain_deadline: None,
+            backend_deadlines: Vec::new(),
             accept_errors: RateLimited::new(),
+            stats: setup.stats,
+            access_log: setup.access_log,
+            listen_addr: setup.listen_addr,
         })
     }
 
@@ -236,7 +270,11 @@ impl Worker {
             if returned > 0 {
                 self.wake_starved(returned as usize);
             }
-            if self.stopping && self.slots.is_empty() && self.accept == AcceptState::Closed {
+            if self.stopping
+                && self.slots.is_empty()
+                && self.parked.is_empty()
+                && self.accept == AcceptState::Closed
+            {
                 return Ok(());
             }
             match self.ring.submit_and_wait(1) {
@@ -318,7 +356,7 @@ impl Worker {
             // SAFETY: a successful accept completion hands us a new descriptor that nothing else
             // owns; OwnedFd closes it exactly once.
             let fd = unsafe { OwnedFd::from_raw_fd(res as RawFd) };
-            if self.stopping {
+            if self.hard_stop {
                 return; // dropped: closed
             }
             if self.has_room() && self.parked.is_empty() {
@@ -333,6 +371,7 @@ impl Worker {
         } else {
             match -res {
                 libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM => {
+                    self.stats.accept_error();
                     self.accept_errors.warn(|suppressed| {
                         format!(
                             "worker {}: accept failed: {} ({suppressed} more since last report); \
@@ -345,11 +384,14 @@ impl Worker {
                     self.cancel_accept();
                 }
                 libc::ECANCELED => {}
-                errno => debug!(
-                    "worker {}: accept error: {}",
-                    self.id,
-                    io::Error::from_raw_os_error(errno)
-                ),
+                errno => {
+                    self.stats.accept_error();
+                    debug!(
+                        "worker {}: accept error: {}",
+                        self.id,
+                        io::Error::from_raw_os_error(errno)
+                    );
+                }
             }
         }
         if self.accept == AcceptState::Paused {
@@ -361,15 +403,30 @@ impl Worker {
         }
     }
 
+    /// Closes the listener for good. When draining, the connections already queued on it are
+    /// accepted and served first: closing a listener resets its queue (unless the kernel
+    /// migrates it to another SO_REUSEPORT listener, net.ipv4.tcp_migrate_req = 1).
     fn close_listener(&mut self) {
+        if let (Some(listener), false) = (&self.listener, self.hard_stop) {
+            let mut queued = Vec::new();
+            while let Ok((socket, _)) = listener.accept() {
+                queued.push(OwnedFd::from(socket));
+            }
+            for fd in queued {
+                if self.has_room() && self.parked.is_empty() {
+                    self.start_flow(fd);
+                } else {
+                    self.parked.push_back(fd);
+                }
+            }
+        }
         self.listener = None;
         self.accept = AcceptState::Closed;
-        self.parked.clear();
     }
 
     /// Serve parked connections and resume accepting when there is room again.
     fn resume_accepting(&mut self) {
-        if self.stopping {
+        if self.hard_stop {
             return;
         }
         while self.has_room() {
@@ -377,6 +434,9 @@ impl Worker {
                 break;
             };
             self.start_flow(fd);
+        }
+        if self.stopping {
+            return;
         }
         if let Some(at) = self.accept_resume_at {
             if Instant::now() < at {
@@ -399,6 +459,7 @@ impl Worker {
         };
         let _ = SockRef::from(&client).set_tcp_nodelay(true);
         self.active_flows.fetch_add(1, Ordering::Relaxed);
+        self.stats.flow_accepted();
         let generation = self.next_generation;
         self.next_generation = (self.next_generation + 1) & token::GENERATION_MASK;
         let key_hash = flow_key_hash(
@@ -419,6 +480,9 @@ impl Worker {
             tried: Vec::new(),
             last_active: self.timers.now(),
             timer_filed: false,
+            accepted_at: Instant::now(),
+            connect_started: None,
+            connect_time: None,
         });
         let mut ops = std::mem::take(&mut self.ops);
         self.slots[slot].flow.start(&mut ops);
@@ -444,12 +508,28 @@ impl Worker {
         let slot = &mut self.slots[index];
         match token.kind {
             Kind::Connect => {
+                let backend = slot
+                    .backend_index
+                    .zip(slot.backend_set.as_ref())
+                    .and_then(|(i, set)| set.backends.get(i));
+                if res >= 0 {
+                    slot.connect_time = slot.connect_started.map(|t| t.elapsed());
+                    self.stats.connected(slot.connect_time.unwrap_or_default());
+                    if let Some(backend) = backend {
+                        backend.stats.flow_started();
+                    }
+                } else if slot.flow.phase() != Phase::Closing {
+                    self.stats.connect_failed();
+                    if let Some(backend) = backend {
+                        backend.stats.connect_failed();
+                    }
+                }
                 if res < 0 {
                     if let (Some(i), Some(set)) = (slot.backend_index, &slot.backend_set) {
                         debug!(
                             "flow {} -> {}: connect failed: {}",
                             slot.client_addr,
-                            set.backends.get(i).map_or("?", |b| b.name.as_str()),
+                            set.backends.get(i).map_or("?", |b| &*b.name),
                             io::Error::from_raw_os_error(-res)
                         );
                         // A connect cancelled because the flow is closing says nothing about
@@ -574,6 +654,7 @@ impl Worker {
             }
             Op::WaitForBuffers => {
                 self.bufring.ran_dry();
+                self.stats.buffer_ring_exhausted();
                 self.starved.push_back((index as u32, generation));
                 return;
             }
@@ -642,6 +723,7 @@ impl Worker {
             target.load.active.fetch_add(1, Ordering::Relaxed);
             slot.backend_load = Some(Arc::clone(&target.load));
             slot.flow.on_connect_submitted();
+            slot.connect_started = Some(Instant::now());
             // The two must be adjacent in the submission queue for the link to hold.
             self.push_linked(connect, timeout);
             return;
@@ -660,6 +742,33 @@ impl Worker {
             load.active.fetch_sub(1, Ordering::Relaxed);
         }
         let (up, down) = slot.flow.bytes();
+        let backend = slot
+            .backend_index
+            .zip(slot.backend_set.as_ref())
+            .and_then(|(i, set)| set.backends.get(i));
+        let kind = CloseKind::from(ending.reason);
+        self.stats.flow_closed(kind);
+        self.stats.bytes_client_to_backend(up);
+        self.stats.bytes_backend_to_client(down);
+        if let (Some(backend), Some(_)) = (backend, slot.connect_time) {
+            backend.stats.flow_ended(up, down);
+        }
+        if let Some(log) = &self.access_log {
+            let duration = slot.accepted_at.elapsed();
+            log.log(FlowRecord {
+                start: std::time::SystemTime::now() - duration,
+                client: slot.client_addr,
+                listener: self.listen_addr,
+                backend: backend
+                    .filter(|_| slot.connect_time.is_some())
+                    .map(|b| Arc::clone(&b.name)),
+                bytes_client_to_backend: up,
+                bytes_backend_to_client: down,
+                duration,
+                connect: slot.connect_time,
+                reason: kind,
+            });
+        }
         if let (CloseReason::BackendReset, 0, Some(i), Some(set)) =
             (ending.reason, down, slot.backend_index, &slot.backend_set)
         {
@@ -672,10 +781,7 @@ impl Worker {
         debug!(
             "flow {} -> {} closed ({:?}): {} bytes up, {} bytes down, {} connect attempts",
             slot.client_addr,
-            slot.backend_index
-                .zip(slot.backend_set.as_ref())
-                .and_then(|(i, set)| set.backends.get(i))
-                .map_or("-", |b| b.name.as_str()),
+            backend.map_or("-", |b| &*b.name),
             ending.reason,
             up,
             down,
@@ -738,11 +844,15 @@ impl Worker {
                     self.retired.push(old);
                 }
                 Command::Stop => self.stop(),
+                Command::Drain { deadline } => self.drain(deadline),
+                Command::CloseBackends { names, deadline } => {
+                    self.backend_deadlines.push((names, deadline))
+                }
             }
         }
-        if res > 0 && !self.stopping {
+        if res > 0 && !self.hard_stop {
             self.arm_wake();
-        } else if res <= 0 && !self.stopping {
+        } else if res <= 0 && !self.hard_stop {
             // The control side is gone (EOF) or the read failed: nobody can stop us any more
             // except a signal to the process, which the control thread handles; stop cleanly.
             let mut sink = [0u8; 64];
@@ -751,26 +861,76 @@ impl Worker {
         }
     }
 
-    fn stop(&mut self) {
-        if self.stopping {
-            return;
-        }
+    /// No new flows: cancel the multishot accept; the listener closes when it has ended.
+    fn stop_accepting(&mut self) {
         self.stopping = true;
-        self.parked.clear();
         match self.accept {
             AcceptState::Armed => self.cancel_accept(),
             AcceptState::Paused => self.close_listener(),
             AcceptState::Cancelling | AcceptState::Closed => {}
         }
-        let live: Vec<usize> = self.slots.iter().map(|(i, _)| i).collect();
-        for index in live {
+    }
+
+    /// Close every flow now and end the thread when their operations have completed.
+    fn stop(&mut self) {
+        if self.hard_stop {
+            return;
+        }
+        self.hard_stop = true;
+        self.parked.clear();
+        self.stop_accepting();
+        self.close_flows(|_| true, CloseReason::Shutdown);
+    }
+
+    /// Stop accepting and end the thread when the live flows have finished (or at `deadline`).
+    fn drain(&mut self, deadline: Instant) {
+        if self.stopping {
+            return;
+        }
+        self.drain_deadline = Some(deadline);
+        self.stop_accepting();
+    }
+
+    fn close_flows(&mut self, which: impl Fn(&Slot) -> bool, reason: CloseReason) {
+        let chosen: Vec<usize> = self
+            .slots
+            .iter()
+            .filter(|(_, slot)| which(slot))
+            .map(|(i, _)| i)
+            .collect();
+        for index in chosen {
             let mut ops = std::mem::take(&mut self.ops);
             if let Some(slot) = self.slots.get_mut(index) {
-                slot.flow.abort(CloseReason::Shutdown, &mut ops);
+                slot.flow.abort(reason, &mut ops);
             }
             self.apply(index, &mut ops);
             self.ops = ops;
         }
+    }
+
+    /// Closes flows of removed backends whose drain deadline has passed.
+    fn close_drained_backends(&mut self) {
+        let now = Instant::now();
+        let due: Vec<Arc<str>> = self
+            .backend_deadlines
+            .iter()
+            .filter(|(_, deadline)| *deadline <= now)
+            .flat_map(|(names, _)| names.iter().cloned())
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        self.backend_deadlines
+            .retain(|(_, deadline)| *deadline > now);
+        self.close_flows(
+            |slot| {
+                slot.backend_index
+                    .zip(slot.backend_set.as_ref())
+                    .and_then(|(i, set)| set.backends.get(i))
+                    .is_some_and(|b| due.contains(&b.name))
+            },
+            CloseReason::Shutdown,
+        );
     }
 
     fn arm_tick(&mut self) {
@@ -807,6 +967,12 @@ impl Worker {
         }
         self.due = due;
         self.bufring.relax();
+        if self.drain_deadline.is_some_and(|d| Instant::now() >= d) {
+            self.stop();
+        }
+        if !self.backend_deadlines.is_empty() {
+            self.close_drained_backends();
+        }
         if self.accept == AcceptState::Paused {
             self.resume_accepting();
         }

@@ -1,0 +1,92 @@
+//! What the admin endpoint shows: the control thread keeps the current snapshot here, and the
+//! admin threads read it with worker counters. Only the control path takes this lock; workers
+//! never touch it.
+
+use std::sync::{Arc, Mutex};
+
+use crate::control::access_log::AccessLog;
+use crate::control::admin::{self, AdminView, BackendRow};
+use crate::metrics::{self, WorkerStats};
+use crate::snapshot::Snapshot;
+
+pub struct View {
+    workers: Vec<Arc<WorkerStats>>,
+    snapshot: Mutex<Arc<Snapshot>>,
+    access_log: Option<AccessLog>,
+}
+
+impl View {
+    pub fn new(
+        workers: Vec<Arc<WorkerStats>>,
+        snapshot: Arc<Snapshot>,
+        access_log: Option<AccessLog>,
+    ) -> View {
+        View {
+            workers,
+            snapshot: Mutex::new(snapshot),
+            access_log,
+        }
+    }
+
+    pub fn set_snapshot(&self, snapshot: Arc<Snapshot>) {
+        if let Ok(mut current) = self.snapshot.lock() {
+            *current = snapshot;
+        }
+    }
+
+    fn current(&self) -> Option<Arc<Snapshot>> {
+        self.snapshot.lock().ok().map(|s| Arc::clone(&s))
+    }
+}
+
+impl AdminView for View {
+    fn metrics(&self, out: &mut String) {
+        let Some(snapshot) = self.current() else {
+            return;
+        };
+        let backends: Vec<_> = snapshot
+            .backends()
+            .iter()
+            .map(|b| (b.name.to_string(), Arc::clone(&b.stats), b.backup))
+            .collect();
+        metrics::render_prometheus(&self.workers, &backends, out);
+        if let Some(log) = &self.access_log {
+            metrics::render_counter(
+                out,
+                "ringway_access_log_dropped_total",
+                "Access-log lines dropped because the writer could not keep up.",
+                log.dropped(),
+            );
+            metrics::render_counter(
+                out,
+                "ringway_access_log_write_errors_total",
+                "Failed writes of the access log (e.g. disk full).",
+                log.write_errors(),
+            );
+        }
+    }
+
+    fn backends_json(&self, out: &mut String) {
+        let Some(snapshot) = self.current() else {
+            return;
+        };
+        let rows: Vec<BackendRow> = snapshot
+            .backends()
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let counts = b.stats.read();
+                BackendRow {
+                    name: &b.name,
+                    address: b.addr,
+                    weight: b.weight,
+                    backup: b.backup,
+                    healthy: snapshot.healthy.get(i).copied().unwrap_or(false),
+                    active: counts.flows_active,
+                    total: counts.flows_total,
+                }
+            })
+            .collect();
+        admin::backends_json(&rows, out);
+    }
+}
