@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use argh::FromArgs;
 
+use crate::acl::Cidr;
 use crate::balance::{Algorithm, HashKey, DEFAULT_VNODES};
 use crate::discovery::dns::DnsTarget;
 
@@ -146,6 +147,50 @@ pub struct Flags {
     #[argh(option)]
     pub access_log: Option<String>,
 
+    /// write a PROXY protocol header (v1 or v2) to each backend before any client byte, so the backend sees the real client address
+    #[argh(option)]
+    pub send_proxy: Option<String>,
+
+    /// read a PROXY protocol header (v1 or v2) from each client first; its address becomes the client for hashing, access lists, limits and logs (needs --trusted-proxy)
+    #[argh(switch)]
+    pub accept_proxy: bool,
+
+    /// a network (CIDR) of load balancers allowed to send PROXY headers; repeatable
+    #[argh(option)]
+    pub trusted_proxy: Vec<String>,
+
+    /// how long a client may take to send its whole PROXY header (default 3s)
+    #[argh(option)]
+    pub proxy_header_timeout: Option<String>,
+
+    /// clients allowed to connect, as CIDR; repeatable; with any --allow, everything else is denied (longest prefix wins)
+    #[argh(option)]
+    pub allow: Vec<String>,
+
+    /// clients refused at accept, as CIDR; repeatable (longest prefix wins; deny wins a tie)
+    #[argh(option)]
+    pub deny: Vec<String>,
+
+    /// most flows open at once from one client IP; more are closed at accept (off by default)
+    #[argh(option)]
+    pub max_conns_per_source: Option<String>,
+
+    /// TCP keepalive on both sides as IDLE,INTERVAL,COUNT, e.g. 60s,10s,5 (off by default)
+    #[argh(option)]
+    pub tcp_keepalive: Option<String>,
+
+    /// disable TCP_NODELAY (on by default on both sides, so small writes are not delayed)
+    #[argh(switch)]
+    pub no_tcp_nodelay: bool,
+
+    /// length of each listener's accept queue (default 4096; the kernel caps it at net.core.somaxconn)
+    #[argh(option)]
+    pub listen_backlog: Option<String>,
+
+    /// local address for backend connections; repeatable, used in turn, so one backend can take more than ~60k flows (IP_BIND_ADDRESS_NO_PORT)
+    #[argh(option)]
+    pub source: Vec<String>,
+
     /// print the backend each client address (IP or IP:PORT) maps to, without listening, and exit; repeatable
     #[argh(option)]
     pub show_mapping: Vec<String>,
@@ -233,6 +278,155 @@ pub struct Config {
     /// `None`: flows on removed backends run until they end.
     pub drain_timeout: Option<Duration>,
     pub shutdown_timeout: Duration,
+    pub edge: EdgeConfig,
+}
+
+/// PROXY protocol version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyVersion {
+    V1,
+    V2,
+}
+
+/// TCP keepalive probes: idle time before the first, interval, probes before giving up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keepalive {
+    pub idle: Duration,
+    pub interval: Duration,
+    pub count: u32,
+}
+
+/// What faces the internet: PROXY protocol, access lists, per-source limits, socket options.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EdgeConfig {
+    pub send_proxy: Option<ProxyVersion>,
+    pub accept_proxy: bool,
+    pub trusted_proxies: Vec<Cidr>,
+    pub proxy_header_timeout: Duration,
+    pub allow: Vec<Cidr>,
+    pub deny: Vec<Cidr>,
+    pub max_conns_per_source: Option<u32>,
+    pub keepalive: Option<Keepalive>,
+    pub nodelay: bool,
+    pub listen_backlog: i32,
+    pub sources: Vec<std::net::IpAddr>,
+}
+
+impl Default for EdgeConfig {
+    fn default() -> Self {
+        EdgeConfig {
+            send_proxy: None,
+            accept_proxy: false,
+            trusted_proxies: Vec::new(),
+            proxy_header_timeout: Duration::from_secs(3),
+            allow: Vec::new(),
+            deny: Vec::new(),
+            max_conns_per_source: None,
+            keepalive: None,
+            nodelay: true,
+            listen_backlog: 4096,
+            sources: Vec::new(),
+        }
+    }
+}
+
+fn edge_from_flags(flags: &Flags) -> Result<EdgeConfig, FlagError> {
+    let cidrs = |flag: &'static str, list: &[String]| {
+        list.iter()
+            .map(|text| {
+                text.parse::<Cidr>()
+                    .map_err(|e| flag_error(flag, e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let send_proxy = match flags.send_proxy.as_deref() {
+        None => None,
+        Some("v1") => Some(ProxyVersion::V1),
+        Some("v2") => Some(ProxyVersion::V2),
+        Some(other) => {
+            return Err(flag_error(
+                "--send-proxy",
+                format!("'{other}' is not one of v1, v2"),
+            ))
+        }
+    };
+    let trusted_proxies = cidrs("--trusted-proxy", &flags.trusted_proxy)?;
+    if flags.accept_proxy && trusted_proxies.is_empty() {
+        return Err(flag_error(
+            "--accept-proxy",
+            "needs at least one --trusted-proxy CIDR (whose PROXY headers to believe)",
+        ));
+    }
+    let proxy_header_timeout = match &flags.proxy_header_timeout {
+        None => Duration::from_secs(3),
+        Some(text) => match parse_duration(text) {
+            Ok(d) if !d.is_zero() => d,
+            Ok(_) => {
+                return Err(flag_error(
+                    "--proxy-header-timeout",
+                    "must be greater than 0",
+                ))
+            }
+            Err(m) => return Err(flag_error("--proxy-header-timeout", m)),
+        },
+    };
+    let max_conns_per_source = match &flags.max_conns_per_source {
+        None => None,
+        Some(text) => Some(parse_in_range("--max-conns-per-source", text, 1, 1_000_000)? as u32),
+    };
+    let keepalive = match &flags.tcp_keepalive {
+        None => None,
+        Some(text) => Some(parse_keepalive(text).map_err(|m| flag_error("--tcp-keepalive", m))?),
+    };
+    let listen_backlog = match &flags.listen_backlog {
+        None => 4096,
+        Some(text) => parse_in_range("--listen-backlog", text, 1, 1 << 20)? as i32,
+    };
+    let sources = flags
+        .source
+        .iter()
+        .map(|text| {
+            text.parse::<std::net::IpAddr>()
+                .map_err(|_| flag_error("--source", format!("'{text}' is not an IP address")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(EdgeConfig {
+        send_proxy,
+        accept_proxy: flags.accept_proxy,
+        trusted_proxies,
+        proxy_header_timeout,
+        allow: cidrs("--allow", &flags.allow)?,
+        deny: cidrs("--deny", &flags.deny)?,
+        max_conns_per_source,
+        keepalive,
+        nodelay: !flags.no_tcp_nodelay,
+        listen_backlog,
+        sources,
+    })
+}
+
+/// `IDLE,INTERVAL,COUNT`, e.g. `60s,10s,5`.
+fn parse_keepalive(text: &str) -> Result<Keepalive, String> {
+    let parts: Vec<&str> = text.split(',').map(str::trim).collect();
+    let [idle, interval, count] = parts[..] else {
+        return Err(format!(
+            "'{text}' is not IDLE,INTERVAL,COUNT (e.g. 60s,10s,5)"
+        ));
+    };
+    let second = |d: Duration| d >= Duration::from_secs(1);
+    let idle = parse_duration(idle).ok().filter(|d| second(*d));
+    let interval = parse_duration(interval).ok().filter(|d| second(*d));
+    let count = count.parse::<u32>().ok().filter(|c| (1..=127).contains(c));
+    match (idle, interval, count) {
+        (Some(idle), Some(interval), Some(count)) => Ok(Keepalive {
+            idle,
+            interval,
+            count,
+        }),
+        _ => Err(format!(
+            "'{text}': IDLE and INTERVAL must be durations of at least 1s and COUNT 1 to 127"
+        )),
+    }
 }
 
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -450,6 +644,7 @@ impl Config {
             None => Duration::from_secs(10),
             Some(text) => parse_duration(text).map_err(|m| flag_error("--shutdown-timeout", m))?,
         };
+        let edge = edge_from_flags(flags)?;
         let access_log = match flags.access_log.as_deref() {
             Some("") => return Err(flag_error("--access-log", "needs a path or - for stdout")),
             other => other.map(str::to_string),
@@ -482,6 +677,7 @@ impl Config {
             dns_server,
             drain_timeout,
             shutdown_timeout,
+            edge,
         })
     }
 }

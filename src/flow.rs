@@ -4,6 +4,11 @@
 //! The worker feeds it completions (`on_*` methods) and carries out the [`Op`]s it returns; the
 //! flow never touches a socket, so every transition is tested in memory below.
 //!
+//! Before connecting, a flow from a trusted load balancer may first read its PROXY protocol
+//! header (`Phase::Greeting`); after connecting, a flow may first send a *preface* to the backend
+//! (our own PROXY header and any client bytes that arrived with the one we read) before the
+//! client's recv is armed, so nothing can overtake it.
+//!
 //! A flow is two pipes: client -> backend ("upload") and backend -> client ("download"). Each pipe
 //! has a multishot recv on its source socket that fills buffers from the worker's buffer ring,
 //! a queue of filled buffers, and at most one send in flight to the destination socket (two sends
@@ -47,6 +52,11 @@ const DOWNLOAD: usize = 1; // backend -> client
 /// What the worker must do for this flow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
+    /// Read (more of) the client's PROXY protocol header, with a linked timeout, then call
+    /// `on_header_submitted`; the completion goes to `on_header_read`.
+    ReadHeader,
+    /// Send `len` bytes of the flow's preface from `offset` to the backend.
+    SendPreface { offset: u32, len: u32 },
     /// Close the socket of a failed attempt (if any), pick the next untried backend, open a socket
     /// and submit a connect with a linked timeout, then call `on_connect_submitted`.
     Connect,
@@ -89,6 +99,12 @@ pub enum CloseReason {
     Shutdown,
     /// An unexpected error from the kernel, with its errno.
     Error(i32),
+    /// The client's address is not allowed (`--allow`/`--deny`).
+    Denied,
+    /// The client already has `--max-conns-per-source` flows.
+    SourceLimit,
+    /// A PROXY protocol header that is missing, malformed, too slow, or from an untrusted peer.
+    BadProxyHeader,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,6 +117,8 @@ pub struct Ending {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
+    /// Reading the client's PROXY protocol header.
+    Greeting,
     Connecting,
     Relaying,
     Closing,
@@ -182,6 +200,8 @@ pub struct Limits {
     pub retries: u32,
     /// Filled buffers a pipe may hold before its recv is paused.
     pub max_queued: usize,
+    /// Read a PROXY protocol header from the client before anything else.
+    pub read_header: bool,
 }
 
 #[derive(Debug)]
@@ -195,6 +215,11 @@ pub struct Flow {
     link_timeouts_in_flight: u8,
     /// Fd-wide cancels submitted while closing, not yet completed.
     cancels_in_flight: u8,
+    header_in_flight: bool,
+    /// Bytes to send to the backend before any relayed client byte.
+    preface_len: u32,
+    preface_sent: u32,
+    preface_in_flight: bool,
     ending: Option<Ending>,
     released: bool,
 }
@@ -202,13 +227,21 @@ pub struct Flow {
 impl Flow {
     pub fn new(limits: Limits) -> Flow {
         Flow {
-            phase: Phase::Connecting,
+            phase: if limits.read_header {
+                Phase::Greeting
+            } else {
+                Phase::Connecting
+            },
             pipes: [Pipe::new(), Pipe::new()],
             limits,
             connect_attempts: 0,
             connect_in_flight: false,
             link_timeouts_in_flight: 0,
             cancels_in_flight: 0,
+            header_in_flight: false,
+            preface_len: 0,
+            preface_sent: 0,
+            preface_in_flight: false,
             ending: None,
             released: false,
         }
@@ -227,9 +260,84 @@ impl Flow {
         self.connect_attempts
     }
 
-    /// The accepted flow starts by connecting to a backend.
+    /// The accepted flow starts by reading the PROXY header or by connecting to a backend.
     pub fn start(&mut self, ops: &mut Vec<Op>) {
-        ops.push(Op::Connect);
+        if self.phase == Phase::Greeting {
+            ops.push(Op::ReadHeader);
+        } else {
+            ops.push(Op::Connect);
+        }
+    }
+
+    /// The worker submitted a header read and its linked timeout.
+    pub fn on_header_submitted(&mut self) {
+        self.header_in_flight = true;
+        self.link_timeouts_in_flight += 1;
+    }
+
+    /// A header read completed. Returns whether the worker should look at the bytes: false when
+    /// the read failed (the flow is then closing) or the flow was already closing.
+    pub fn on_header_read(&mut self, res: i32, ops: &mut Vec<Op>) -> bool {
+        self.header_in_flight = false;
+        if self.phase != Phase::Greeting {
+            self.release_if_idle(ops);
+            return false;
+        }
+        if res <= 0 {
+            // EOF, reset or the timeout (ECANCELED) before a whole header arrived.
+            self.abort(CloseReason::BadProxyHeader, ops);
+            return false;
+        }
+        true
+    }
+
+    /// The header is not complete yet: read more.
+    pub fn header_incomplete(&mut self, ops: &mut Vec<Op>) {
+        if self.phase == Phase::Greeting {
+            ops.push(Op::ReadHeader);
+        }
+    }
+
+    /// The header is complete (and the client it names is allowed): connect.
+    pub fn header_done(&mut self, ops: &mut Vec<Op>) {
+        if self.phase == Phase::Greeting {
+            self.phase = Phase::Connecting;
+            ops.push(Op::Connect);
+        }
+    }
+
+    /// Bytes the worker holds that must reach the backend before any relayed client byte.
+    pub fn set_preface(&mut self, len: u32) {
+        self.preface_len = len;
+        self.preface_sent = 0;
+    }
+
+    /// A preface send completed.
+    pub fn on_preface_sent(&mut self, res: i32, ops: &mut Vec<Op>) {
+        self.preface_in_flight = false;
+        if self.phase == Phase::Closing {
+            self.release_if_idle(ops);
+            return;
+        }
+        if res <= 0 {
+            self.abort_reset(Side::Backend, ops);
+            return;
+        }
+        self.preface_sent = (self.preface_sent + res as u32).min(self.preface_len);
+        self.pipes[UPLOAD].bytes += res as u64;
+        self.send_preface_or_start_upload(ops);
+    }
+
+    fn send_preface_or_start_upload(&mut self, ops: &mut Vec<Op>) {
+        if self.preface_sent < self.preface_len {
+            self.preface_in_flight = true;
+            ops.push(Op::SendPreface {
+                offset: self.preface_sent,
+                len: self.preface_len - self.preface_sent,
+            });
+        } else {
+            self.arm_recv(Side::Client, ops);
+        }
     }
 
     /// The worker submitted a connect and its linked timeout.
@@ -249,8 +357,8 @@ impl Flow {
         }
         if res >= 0 {
             self.phase = Phase::Relaying;
-            self.arm_recv(Side::Client, ops);
             self.arm_recv(Side::Backend, ops);
+            self.send_preface_or_start_upload(ops);
         } else if self.connect_attempts <= self.limits.retries {
             ops.push(Op::Connect);
         } else {
@@ -483,13 +591,17 @@ impl Flow {
         )) + u32::from(reading.cancel_in_flight);
         let write = u32::from(writing.sending.is_some())
             + u32::from(writing.shutdown == ShutdownState::InFlight);
-        let connect = u32::from(side == Side::Backend && self.connect_in_flight);
-        recv + write + connect
+        let connect =
+            u32::from(side == Side::Backend && (self.connect_in_flight || self.preface_in_flight));
+        let header = u32::from(side == Side::Client && self.header_in_flight);
+        recv + write + connect + header
     }
 
     fn ops_in_flight(&self) -> u32 {
         self.pipes.iter().map(Pipe::ops_in_flight).sum::<u32>()
             + u32::from(self.connect_in_flight)
+            + u32::from(self.header_in_flight)
+            + u32::from(self.preface_in_flight)
             + u32::from(self.link_timeouts_in_flight)
             + u32::from(self.cancels_in_flight)
     }
@@ -553,6 +665,7 @@ mod tests {
     const LIMITS: Limits = Limits {
         retries: 1,
         max_queued: 4,
+        read_header: false,
     };
 
     fn take(ops: &mut Vec<Op>) -> Vec<Op> {
@@ -567,7 +680,7 @@ mod tests {
         assert_eq!(take(&mut ops), [Op::Connect]);
         f.on_connect_submitted();
         f.on_connect(0, &mut ops);
-        assert_eq!(take(&mut ops), [Op::Recv(Client), Op::Recv(Backend)]);
+        assert_eq!(take(&mut ops), [Op::Recv(Backend), Op::Recv(Client)]);
         f.on_link_timeout(&mut ops);
         assert!(ops.is_empty());
         assert_eq!(f.phase(), Phase::Relaying);
@@ -1015,6 +1128,113 @@ mod tests {
         let (mut f, mut ops) = relaying();
         f.on_recv(Client, 0, Some(6), false, &mut ops);
         assert_eq!(take(&mut ops), [Op::ReturnBuffer(6), Op::Shutdown(Backend)]);
+    }
+
+    #[test]
+    fn preface_goes_out_before_any_client_byte() {
+        let mut f = Flow::new(LIMITS);
+        let mut ops = Vec::new();
+        f.start(&mut ops);
+        take(&mut ops);
+        f.set_preface(28);
+        f.on_connect_submitted();
+        f.on_connect(0, &mut ops);
+        assert_eq!(
+            take(&mut ops),
+            [Op::Recv(Backend), Op::SendPreface { offset: 0, len: 28 }],
+            "the client's recv waits for the preface"
+        );
+        f.on_preface_sent(10, &mut ops);
+        assert_eq!(
+            take(&mut ops),
+            [Op::SendPreface {
+                offset: 10,
+                len: 18
+            }]
+        );
+        f.on_preface_sent(18, &mut ops);
+        assert_eq!(take(&mut ops), [Op::Recv(Client)]);
+        assert_eq!(f.bytes(), (28, 0));
+    }
+
+    #[test]
+    fn failed_preface_resets_the_client() {
+        let mut f = Flow::new(LIMITS);
+        let mut ops = Vec::new();
+        f.start(&mut ops);
+        f.set_preface(10);
+        f.on_connect_submitted();
+        f.on_connect(0, &mut ops);
+        f.on_link_timeout(&mut ops);
+        take(&mut ops);
+        f.on_preface_sent(-libc::EPIPE, &mut ops);
+        assert_eq!(take(&mut ops), [Op::CancelAll(Backend)]);
+        f.on_cancel_all_done(&mut ops);
+        f.on_recv(Backend, -libc::ECANCELED, None, false, &mut ops);
+        let e = released(&take(&mut ops)).unwrap();
+        assert_eq!(
+            (e.reason, e.reset_client),
+            (CloseReason::BackendReset, true)
+        );
+    }
+
+    fn greeting() -> (Flow, Vec<Op>) {
+        let mut f = Flow::new(Limits {
+            read_header: true,
+            ..LIMITS
+        });
+        let mut ops = Vec::new();
+        f.start(&mut ops);
+        assert_eq!(take(&mut ops), [Op::ReadHeader]);
+        assert_eq!(f.phase(), Phase::Greeting);
+        f.on_header_submitted();
+        (f, ops)
+    }
+
+    #[test]
+    fn proxy_header_is_read_before_connecting() {
+        let (mut f, mut ops) = greeting();
+        assert!(f.on_header_read(20, &mut ops));
+        f.header_incomplete(&mut ops);
+        assert_eq!(take(&mut ops), [Op::ReadHeader]);
+        f.on_link_timeout(&mut ops);
+        f.on_header_submitted();
+        assert!(f.on_header_read(30, &mut ops));
+        f.header_done(&mut ops);
+        assert_eq!(take(&mut ops), [Op::Connect]);
+        assert_eq!(f.phase(), Phase::Connecting);
+    }
+
+    #[test]
+    fn header_timeout_or_eof_closes_the_flow() {
+        let (mut f, mut ops) = greeting();
+        assert!(!f.on_header_read(-libc::ECANCELED, &mut ops));
+        assert!(ops.is_empty(), "release waits for the linked timeout");
+        f.on_link_timeout(&mut ops);
+        assert_eq!(
+            released(&take(&mut ops)).unwrap().reason,
+            CloseReason::BadProxyHeader
+        );
+        let (mut f, mut ops) = greeting();
+        f.on_link_timeout(&mut ops);
+        assert!(!f.on_header_read(0, &mut ops));
+        assert_eq!(
+            released(&take(&mut ops)).unwrap().reason,
+            CloseReason::BadProxyHeader
+        );
+    }
+
+    #[test]
+    fn malformed_header_is_refused_after_the_read_completes() {
+        let (mut f, mut ops) = greeting();
+        assert!(f.on_header_read(12, &mut ops));
+        f.abort(CloseReason::BadProxyHeader, &mut ops);
+        assert!(ops.is_empty(), "the linked timeout is still in flight");
+        f.on_link_timeout(&mut ops);
+        assert_eq!(
+            released(&take(&mut ops)).unwrap().reason,
+            CloseReason::BadProxyHeader
+        );
     }
 
     #[test]

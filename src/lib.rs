@@ -14,4 +14,5 @@ pub mod metrics;
 pub mod net;
 pub mod proxy_protocol;
 pub mod snapshot;
+pub mod source_limit;
 pub mod worker;

@@ -150,6 +150,9 @@ impl From<CloseReason> for CloseKind {
             CloseReason::NoBackend => CloseKind::NoBackend,
             CloseReason::Shutdown => CloseKind::Shutdown,
             CloseReason::Error(_) => CloseKind::Error,
+            CloseReason::Denied => CloseKind::RefusedAcl,
+            CloseReason::SourceLimit => CloseKind::RefusedPerSource,
+            CloseReason::BadProxyHeader => CloseKind::RefusedProxyHeader,
         }
     }
 }

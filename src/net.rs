@@ -8,13 +8,17 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use crate::config::BackendSpec;
 
-/// Backlog of each listener: the kernel caps it at net.core.somaxconn.
-pub const LISTEN_BACKLOG: i32 = 4096;
-
 /// Binds `count` listeners on `addr` with SO_REUSEPORT, one per worker, so the kernel spreads
 /// new connections over the workers and no accept wakes more than one ring. With port 0 the
 /// first listener picks the port and the others join it.
-pub fn bind_listeners(addr: SocketAddr, count: usize) -> io::Result<Vec<Socket>> {
+/// `configure` sets options that accepted sockets inherit; `backlog` is capped by the kernel at
+/// net.core.somaxconn.
+pub fn bind_listeners(
+    addr: SocketAddr,
+    count: usize,
+    backlog: i32,
+    configure: impl Fn(&Socket) -> io::Result<()>,
+) -> io::Result<Vec<Socket>> {
     let mut listeners = Vec::with_capacity(count);
     let mut bind_to = addr;
     for _ in 0..count {
@@ -26,9 +30,9 @@ pub fn bind_listeners(addr: SocketAddr, count: usize) -> io::Result<Vec<Socket>>
         socket.set_reuse_address(true)?;
         socket.set_reuse_port(true)?;
         socket.set_nonblocking(true)?;
-        socket.set_tcp_nodelay(true)?;
+        configure(&socket)?;
         socket.bind(&SockAddr::from(bind_to))?;
-        socket.listen(LISTEN_BACKLOG)?;
+        socket.listen(backlog)?;
         if bind_to.port() == 0 {
             bind_to = local_addr(&socket)?;
         }

@@ -32,7 +32,7 @@ use crate::config::{BackendSpec, Config};
 use crate::metrics::{BackendStats, WorkerStatsWriter};
 use crate::net;
 use crate::snapshot::{Backend, BackendLoad, BackendSet, PickState, Policy, Snapshot};
-use crate::worker::{self, Command, Settings, WorkerSetup};
+use crate::worker::{self, Command, Edge, Settings, WorkerSetup};
 use health::{CheckResult, CheckTarget, Health};
 use sources::{DnsAnswer, Sources};
 use view::View;
@@ -248,8 +248,11 @@ impl Controller {
             budget.max(1) as usize
         });
         let listen = self.config.listen;
-        let listeners = net::bind_listeners(listen, workers)
-            .map_err(|e| StartError(format!("cannot listen on {listen}: {e}")))?;
+        let edge = Arc::new(Edge::new(&self.config.edge, self.config.hash_seed));
+        let backlog = self.config.edge.listen_backlog;
+        let listeners =
+            net::bind_listeners(listen, workers, backlog, |s| edge.configure_listener(s))
+                .map_err(|e| StartError(format!("cannot listen on {listen}: {e}")))?;
         let listen_addr = net::local_addr(&listeners[0])
             .map_err(|e| StartError(format!("cannot listen on {listen}: {e}")))?;
         let admin_listener = match self.config.admin {
@@ -278,6 +281,7 @@ impl Controller {
             max_conns,
             buffer_size: self.config.buffer_size,
             buffers: self.config.buffers,
+            edge,
         };
         let (events_tx, events_rx) = crossbeam_channel::bounded(EVENT_QUEUE);
         self.events = Some(events_rx);

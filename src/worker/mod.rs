@@ -6,6 +6,7 @@
 //! the flow state machine (`crate::flow`), then carries out the operations the flow asks for.
 
 mod bufring;
+mod edge;
 mod ring;
 mod timer;
 mod token;
@@ -29,9 +30,11 @@ use crate::control::access_log::{AccessLog, FlowRecord};
 use crate::control::Event;
 use crate::flow::{CloseReason, Ending, Flow, Limits, Op, Phase, Side};
 use crate::metrics::{CloseKind, WorkerStatsWriter};
-use crate::net;
+use crate::proxy_protocol::{self, Parsed};
 use crate::snapshot::{BackendLoad, BackendSet, PickState, Snapshot};
+use crate::source_limit::SourceTicket;
 use bufring::BufRing;
+pub use edge::Edge;
 pub use ring::{new_ring, RingError};
 use timer::TimerWheel;
 use token::{Kind, Token};
@@ -70,7 +73,7 @@ pub struct WorkerSetup {
     pub listen_addr: SocketAddr,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Settings {
     pub hash_key: HashKey,
     pub hash_seed: u64,
@@ -80,6 +83,7 @@ pub struct Settings {
     pub max_conns: usize,
     pub buffer_size: u32,
     pub buffers: u16,
+    pub edge: Arc<Edge>,
 }
 
 /// Buffers a pipe may hold before its recv pauses: 4 x 16 KiB keeps a bulk flow streaming while
@@ -116,6 +120,24 @@ struct Slot {
     connect_started: Option<Instant>,
     /// How long the successful connect took.
     connect_time: Option<Duration>,
+    /// This flow's share of `--max-conns-per-source`.
+    ticket: Option<SourceTicket>,
+    /// PROXY protocol state, only for flows that read or send a header.
+    greeting: Option<Box<Greeting>>,
+}
+
+/// Per-flow PROXY protocol state, boxed so flows without it pay one pointer.
+struct Greeting {
+    /// The client's header as received so far (accept-proxy).
+    header: Vec<u8>,
+    deadline: Instant,
+    /// Linked timeout of the header read in flight; the kernel copies it at submission.
+    timeout: types::Timespec,
+    /// Sent to the backend before any relayed byte: our PROXY header, then any client bytes
+    /// that arrived with the header we read.
+    preface: Vec<u8>,
+    /// The address the client connected to, for the PROXY header we send.
+    local: SocketAddr,
 }
 
 /// Why accepting is paused, if it is.
@@ -175,6 +197,8 @@ struct Worker {
     stats: WorkerStatsWriter,
     access_log: Option<AccessLog>,
     listen_addr: SocketAddr,
+    /// Next `--source` address to use.
+    source_turn: usize,
 }
 
 /// Runs a worker on the current thread until it is told to stop. Ring set-up errors are
@@ -219,6 +243,7 @@ impl Worker {
         let limits = Limits {
             retries: settings.retries,
             max_queued: MAX_QUEUED_BUFFERS,
+            read_header: settings.edge.trusted.is_some(),
         };
         Ok(Worker {
             ring,
@@ -258,6 +283,7 @@ impl Worker {
             stats: setup.stats,
             access_log: setup.access_log,
             listen_addr: setup.listen_addr,
+            source_turn: setup.id,
         })
     }
 
@@ -457,7 +483,44 @@ impl Worker {
             // The client is already gone (reset while queued): nothing to serve.
             _ => return,
         };
-        let _ = SockRef::from(&client).set_tcp_nodelay(true);
+        let edge = Arc::clone(&self.settings.edge);
+        // Behind trusted load balancers the real client is only known from the PROXY header:
+        // admission waits for it. Otherwise refuse here, before anything is allocated.
+        let mut ticket = None;
+        let mut greeting = None;
+        if edge.trusted.is_some() {
+            if !edge.trusts(client_addr.ip()) {
+                self.stats.flow_refused(CloseKind::RefusedProxyHeader);
+                return;
+            }
+        } else {
+            match edge.admit(client_addr.ip()) {
+                Ok(t) => ticket = t,
+                Err(reason) => {
+                    debug!("flow {client_addr}: refused ({reason:?})");
+                    self.stats.flow_refused(CloseKind::from(reason));
+                    return;
+                }
+            }
+        }
+        if edge.trusted.is_some() || edge.sends_proxy_header() {
+            let local = SockRef::from(&client)
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_socket())
+                .unwrap_or(self.listen_addr);
+            let mut preface = Vec::new();
+            if edge.trusted.is_none() {
+                edge.proxy_header(client_addr, local, &mut preface);
+            }
+            greeting = Some(Box::new(Greeting {
+                header: Vec::new(),
+                deadline: Instant::now() + edge.header_timeout,
+                timeout: timespec(edge.header_timeout),
+                preface,
+                local,
+            }));
+        }
         self.active_flows.fetch_add(1, Ordering::Relaxed);
         self.stats.flow_accepted();
         let generation = self.next_generation;
@@ -483,9 +546,15 @@ impl Worker {
             accepted_at: Instant::now(),
             connect_started: None,
             connect_time: None,
+            ticket,
+            greeting,
         });
         let mut ops = std::mem::take(&mut self.ops);
-        self.slots[slot].flow.start(&mut ops);
+        let entry = &mut self.slots[slot];
+        if let Some(greeting) = &entry.greeting {
+            entry.flow.set_preface(greeting.preface.len() as u32);
+        }
+        entry.flow.start(&mut ops);
         self.apply(slot, &mut ops);
         self.ops = ops;
     }
@@ -553,6 +622,12 @@ impl Worker {
                 }
             }
             Kind::LinkTimeout => slot.flow.on_link_timeout(&mut ops),
+            Kind::HeaderRecv => {
+                if slot.flow.on_header_read(res, &mut ops) {
+                    self.on_header_bytes(index, res as usize, &mut ops);
+                }
+            }
+            Kind::Preface => slot.flow.on_preface_sent(res, &mut ops),
             Kind::Recv(side) => {
                 let buf = cqueue::buffer_select(flags);
                 if buf.is_some() {
@@ -608,6 +683,50 @@ impl Worker {
             Side::Backend => slot.backend.as_ref().map(|s| s.as_raw_fd()),
         };
         let entry = match op {
+            Op::ReadHeader => {
+                let Some(greeting) = slot.greeting.as_mut() else {
+                    return;
+                };
+                let left = greeting.deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    slot.flow.abort(CloseReason::BadProxyHeader, more);
+                    return;
+                }
+                if greeting.header.capacity() == 0 {
+                    greeting
+                        .header
+                        .reserve_exact(proxy_protocol::V2_MAX_HEADER_LEN);
+                }
+                let filled = greeting.header.len();
+                let room = greeting.header.capacity() - filled;
+                greeting.timeout = timespec(left);
+                // SAFETY (pointer): the recv writes into the spare capacity of `header`, which
+                // is not resized while the read is in flight (only `on_header_bytes` touches it,
+                // after the completion) and lives in the slot until the flow is released, which
+                // waits for this operation's completion.
+                let ptr = greeting.header.as_mut_ptr().wrapping_add(filled);
+                let recv = opcode::Recv::new(types::Fd(slot.client.as_raw_fd()), ptr, room as u32)
+                    .build()
+                    .flags(squeue::Flags::IO_LINK)
+                    .user_data(token(Kind::HeaderRecv));
+                let timeout = opcode::LinkTimeout::new(&greeting.timeout as *const types::Timespec)
+                    .build()
+                    .user_data(token(Kind::LinkTimeout));
+                slot.flow.on_header_submitted();
+                self.push_linked(recv, timeout);
+                return;
+            }
+            Op::SendPreface { offset, len } => {
+                let (Some(greeting), Some(fd)) = (&slot.greeting, fd(slot, Side::Backend)) else {
+                    return;
+                };
+                // The preface is not touched while its send is in flight and lives in the slot.
+                let ptr = greeting.preface.as_ptr().wrapping_add(offset as usize);
+                opcode::Send::new(types::Fd(fd), ptr, len)
+                    .flags(libc::MSG_NOSIGNAL)
+                    .build()
+                    .user_data(token(Kind::Preface))
+            }
             Op::Connect => {
                 self.connect_next(index, more);
                 return;
@@ -691,7 +810,11 @@ impl Worker {
             };
             slot.tried.push(backend as u32);
             let target = &snapshot.backends()[backend];
-            let socket = match net::backend_socket(&target.addr) {
+            let socket = match self
+                .settings
+                .edge
+                .backend_socket(&target.addr, &mut self.source_turn)
+            {
                 Ok(socket) => socket,
                 Err(e) => {
                     warn!(
@@ -740,6 +863,9 @@ impl Worker {
         }
         if let Some(load) = &slot.backend_load {
             load.active.fetch_sub(1, Ordering::Relaxed);
+        }
+        if let Some(ticket) = slot.ticket {
+            self.settings.edge.release(ticket);
         }
         let (up, down) = slot.flow.bytes();
         let backend = slot
@@ -802,6 +928,60 @@ impl Worker {
         self.active_flows.fetch_sub(1, Ordering::Relaxed);
         if self.accept != AcceptState::Armed {
             self.resume_accepting();
+        }
+    }
+
+    /// Bytes of the client's PROXY header arrived: parse what we have, then read more, refuse,
+    /// or admit the real client and connect.
+    fn on_header_bytes(&mut self, index: usize, received: usize, ops: &mut Vec<Op>) {
+        let edge = Arc::clone(&self.settings.edge);
+        let hash_key = self.settings.hash_key;
+        let seed = self.settings.hash_seed;
+        let slot = &mut self.slots[index];
+        let Some(greeting) = slot.greeting.as_mut() else {
+            return;
+        };
+        let filled = greeting.header.len() + received;
+        // SAFETY: the kernel wrote `received` bytes into the spare capacity right after the
+        // initialised part (the recv was given exactly that region), so they are initialised.
+        unsafe {
+            greeting
+                .header
+                .set_len(filled.min(greeting.header.capacity()))
+        };
+        match proxy_protocol::parse(&greeting.header) {
+            Ok(Parsed::Incomplete { .. }) if greeting.header.len() < greeting.header.capacity() => {
+                slot.flow.header_incomplete(ops)
+            }
+            Ok(Parsed::Incomplete { .. }) => slot.flow.abort(CloseReason::BadProxyHeader, ops),
+            Ok(Parsed::Complete {
+                header_len, source, ..
+            }) => {
+                if let Some(client) = source {
+                    slot.client_addr = client;
+                    slot.key_hash = flow_key_hash(&client, hash_key, seed);
+                }
+                match edge.admit(slot.client_addr.ip()) {
+                    Ok(ticket) => slot.ticket = ticket,
+                    Err(reason) => {
+                        debug!("flow {}: refused ({reason:?})", slot.client_addr);
+                        slot.flow.abort(reason, ops);
+                        return;
+                    }
+                }
+                // Our own header (if any) first, then client bytes that came with theirs.
+                let mut preface = Vec::new();
+                edge.proxy_header(slot.client_addr, greeting.local, &mut preface);
+                preface.extend_from_slice(&greeting.header[header_len..]);
+                greeting.preface = preface;
+                greeting.header = Vec::new();
+                slot.flow.set_preface(greeting.preface.len() as u32);
+                slot.flow.header_done(ops);
+            }
+            Err(e) => {
+                debug!("flow {}: bad PROXY header: {e}", slot.client_addr);
+                slot.flow.abort(CloseReason::BadProxyHeader, ops);
+            }
         }
     }
 

@@ -23,6 +23,10 @@ pub enum Kind {
     Send(Side),
     Shutdown(Side),
     CancelAll(Side),
+    /// Read of the client's PROXY protocol header.
+    HeaderRecv,
+    /// Send of the preface (PROXY header, early client bytes) to the backend.
+    Preface,
 }
 
 impl Kind {
@@ -44,6 +48,8 @@ impl Kind {
             Kind::Shutdown(Side::Backend) => 14,
             Kind::CancelAll(Side::Client) => 15,
             Kind::CancelAll(Side::Backend) => 16,
+            Kind::HeaderRecv => 17,
+            Kind::Preface => 18,
         }
     }
 
@@ -65,6 +71,8 @@ impl Kind {
             14 => Kind::Shutdown(Side::Backend),
             15 => Kind::CancelAll(Side::Client),
             16 => Kind::CancelAll(Side::Backend),
+            17 => Kind::HeaderRecv,
+            18 => Kind::Preface,
             _ => return None,
         })
     }
@@ -116,7 +124,7 @@ mod tests {
 
     #[test]
     fn round_trips_every_kind() {
-        for code in 1..=16u8 {
+        for code in 1..=18u8 {
             let kind = Kind::from_code(code).unwrap();
             assert_eq!(kind.code(), code);
             let token = Token::new(123_456, 0xabcdef, kind);
