@@ -22,7 +22,7 @@ pub struct Flags {
     #[argh(option)]
     pub listen: Option<String>,
 
-    /// a backend as HOST:PORT[,weight=N][,backup]; repeat for each backend
+    /// a backend as HOST:PORT[,weight=N][,backup][,check-port=N]; repeat for each backend
     #[argh(option)]
     pub backend: Vec<String>,
 
@@ -34,7 +34,7 @@ pub struct Flags {
     #[argh(option)]
     pub hash_key: Option<String>,
 
-    /// points on the hash ring per unit of backend weight (default 160)
+    /// points on the hash ring per unit of backend weight (default 400)
     #[argh(option)]
     pub vnodes: Option<String>,
 
