@@ -479,7 +479,7 @@ fn killed_backend_leaves_rotation_promptly_and_its_clients_return_after_restart(
     let victim_name = names[victim].clone();
 
     // A long checksummed flow on every backend, from one of its clients.
-    let long: Vec<(String, LongFlow)> = names
+    let mut long: Vec<(String, LongFlow)> = names
         .iter()
         .enumerate()
         .map(|(i, name)| {
@@ -548,7 +548,6 @@ fn killed_backend_leaves_rotation_promptly_and_its_clients_return_after_restart(
     );
 
     // The long flow on the killed backend ends (the backend closed it), it does not hang.
-    let mut long = long;
     let victim_long = long.iter_mut().find(|(n, _)| *n == victim_name).unwrap();
     match victim_long.1.wait_ended(CLOSE_TIMEOUT) {
         None => panic!(
@@ -662,9 +661,12 @@ fn backup_serves_only_while_every_primary_is_down() {
     let mut b = Server::start(GOOD_PONG);
     let c = Server::start(GOOD_PONG);
     let (an, bn, cn) = (a.name(), b.name(), c.name());
+    // Without retries or passive checks, only the active checks' verdict moves flows.
+    let mut flags = CHECKS.to_vec();
+    flags.extend(["--retries", "0", "--max-fails", "0"]);
     let proxy = Proxy::start(&args(
         &[an.clone(), bn.clone(), format!("{cn},backup")],
-        &CHECKS,
+        &flags,
     ));
     let ips = client_ips(50, 20);
     let round = |what: &str, allowed: &[&str]| {
@@ -732,64 +734,99 @@ fn backup_serves_only_while_every_primary_is_down() {
     );
 }
 
+/// Whether a new client from `src` is closed (or refused) within 2 s.
+fn closed_promptly(proxy: &Proxy, src: IpAddr) -> Result<(), String> {
+    const BOUND: Duration = Duration::from_secs(2);
+    let started = Instant::now();
+    let mut s = match connect_from(src, proxy.addr) {
+        Ok(s) => s,
+        // Refusing the connect outright is as good as closing it.
+        Err(_) if started.elapsed() < BOUND => return Ok(()),
+        Err(e) => {
+            return Err(format!(
+                "connect from {src} took {:?} to fail: {e}",
+                started.elapsed()
+            ))
+        }
+    };
+    let _ = s.write_all(b"HI\n");
+    expect_closed(&mut s, BOUND)
+        .map(|_| ())
+        .map_err(|e| format!("client {src}: {e}"))
+}
+
 /// With every backend down and marked down, a new client is closed at once, not left waiting;
-/// when a backend comes back, flows go through again.
+/// when a backend comes back, flows go through again. One backend is a black hole (its
+/// connects hang), and `--connect-timeout` is long: a proxy that still tried the backends
+/// marked down would keep the client waiting.
 #[test]
 fn all_backends_down_refuses_new_clients_at_once_and_recovers() {
     let mut a = Server::start(GOOD_PONG);
-    let mut b = Server::start(GOOD_PONG);
-    let proxy = Proxy::start(&args(&[a.name(), b.name()], &CHECKS));
-    served(&proxy, client_ip(80));
+    let hole = Blackhole::new();
+    let hole_addr = hole.addr;
+    let mut flags = CHECKS.to_vec();
+    flags.extend(["--health-timeout", "300ms", "--connect-timeout", "10s"]);
+    let proxy = Proxy::start(&args(&[a.name(), hole_addr.to_string()], &flags));
+    assert!(
+        wait_log(
+            &proxy,
+            &format!("backend {hole_addr} is DOWN"),
+            NOTICE_BOUND
+        ),
+        "a backend whose connects hang is not marked down\n{}",
+        proxy.stderr_tail()
+    );
+    let ips = client_ips(81, 5);
+    until_round(&proxy, &ips, NOTICE_BOUND, "all on the live backend", |r| {
+        r.as_deref() == Ok(a.name().as_str())
+    });
 
     a.kill();
-    b.kill();
-    for name in [a.name(), b.name()] {
-        assert!(
-            wait_log(&proxy, &format!("backend {name} is DOWN"), NOTICE_BOUND),
-            "{name} killed, not marked down\n{}",
-            proxy.stderr_tail()
-        );
-    }
+    assert!(
+        wait_log(
+            &proxy,
+            &format!("backend {} is DOWN", a.name()),
+            NOTICE_BOUND
+        ),
+        "{} killed, not marked down\n{}",
+        a.name(),
+        proxy.stderr_tail()
+    );
     assert!(
         wait_log(&proxy, "no backend is healthy", Duration::from_secs(2)),
         "no warning that nothing is healthy\n{}",
         proxy.stderr_tail()
     );
-    for n in 81..86 {
-        let src = client_ip(n);
-        let started = Instant::now();
-        let mut s = match connect_from(src, proxy.addr) {
-            Ok(s) => s,
-            Err(e) => {
-                // Refusing the connect outright is as good as closing it.
-                assert!(
-                    started.elapsed() < Duration::from_secs(2),
-                    "connect from {src} took {:?} to fail: {e}",
-                    started.elapsed()
-                );
-                continue;
-            }
-        };
-        let _ = s.write_all(b"HI\n");
-        match expect_closed(&mut s, Duration::from_secs(2)) {
-            Ok((how, _)) => assert!(how.is_closed()),
-            Err(e) => panic!(
-                "client {src} with every backend down: {e}\n{}",
+    // The state is logged just before it is published to the workers: wait for one client
+    // to be closed promptly, then every one must be.
+    let deadline = Instant::now() + NOTICE_BOUND;
+    while let Err(e) = closed_promptly(&proxy, ips[0]) {
+        assert!(
+            Instant::now() < deadline,
+            "with every backend marked down: {e}\n{}",
+            proxy.stderr_tail()
+        );
+    }
+    for &src in &ips {
+        if let Err(e) = closed_promptly(&proxy, src) {
+            panic!(
+                "with every backend marked down: {e}\n{}",
                 proxy.stderr_tail()
-            ),
+            );
         }
     }
 
-    b.restart();
+    // The black hole's address comes back as a working backend.
+    drop(hole);
+    let mut back = Server::not_started(hole_addr, GOOD_PONG);
+    back.restart();
     assert!(
-        wait_log(&proxy, &format!("backend {} is UP", b.name()), NOTICE_BOUND),
-        "{} restarted, not marked up\n{}",
-        b.name(),
+        wait_log(&proxy, &format!("backend {hole_addr} is UP"), NOTICE_BOUND),
+        "{hole_addr} is back, not marked up\n{}",
         proxy.stderr_tail()
     );
-    let ips = client_ips(81, 5);
     until_round(&proxy, &ips, NOTICE_BOUND, "a backend is back", |r| {
-        r.as_deref() == Ok(b.name().as_str())
+        r.as_deref() == Ok(back.name().as_str())
     });
 }
 
@@ -802,7 +839,7 @@ fn passive_checks_take_a_refusing_backend_down_and_retry_it_after_fail_timeout()
     let b = Server::start(GOOD_PONG);
     let mut d = Server::not_started(dead_addr(), GOOD_PONG);
     let names = [a.name(), b.name(), d.name()];
-    let flags = ["--max-fails", "2", "--fail-timeout", "1s", "--retries", "1"];
+    let flags = ["--max-fails", "2", "--fail-timeout", "2s", "--retries", "1"];
     let ips = client_ips(90, 40);
     let ip_texts: Vec<String> = ips.iter().map(|ip| ip.to_string()).collect();
     let d_clients: Vec<IpAddr> = show_mapping(&names, &[], &ip_texts)
@@ -819,7 +856,7 @@ fn passive_checks_take_a_refusing_backend_down_and_retry_it_after_fail_timeout()
     let down = format!("backend {} is DOWN (passive", d.name());
     let up = format!("backend {} is UP", d.name());
 
-    // Its clients are redispatched until it is taken down.
+    // Its clients are redispatched until it is taken down, after the second failure.
     let mut flows = 0;
     while !proxy.stderr().contains(&down) {
         assert!(
@@ -831,42 +868,41 @@ fn passive_checks_take_a_refusing_backend_down_and_retry_it_after_fail_timeout()
         let got = served(&proxy, ip);
         assert_ne!(got, d.name());
         flows += 1;
-        if flows >= 2 {
+        if flows == 1 {
+            assert!(
+                !proxy.stderr().contains(&down),
+                "taken down after one failure with --max-fails 2\n{}",
+                proxy.stderr_tail()
+            );
+        } else {
             // After the second failure the line follows (the workers report asynchronously).
             wait_log(&proxy, &down, Duration::from_secs(2));
         }
     }
+    let t_down_seen = Instant::now();
+
+    // It comes back to life at once, but the proxy leaves it alone until the fail timeout
+    // (2 s) has passed: for the first second (the rest is slack) its clients go elsewhere.
+    d.restart();
+    let quiet_until = t_down_seen + Duration::from_secs(1);
+    while Instant::now() < quiet_until {
+        for &ip in &d_clients {
+            let got = served(&proxy, ip);
+            assert!(
+                got != d.name() || proxy.stderr().contains(&up),
+                "{ip} was served by {got} {:?} after it was taken down with --fail-timeout 2s\n{}",
+                t_down_seen.elapsed(),
+                proxy.stderr_tail()
+            );
+        }
+        thread::sleep(Duration::from_millis(20)); // pacing
+    }
     assert!(
-        !proxy.stderr().contains(&up),
-        "{} came up at once\n{}",
+        wait_log(&proxy, &up, NOTICE_BOUND),
+        "{} not tried again after the fail timeout\n{}",
         d.name(),
         proxy.stderr_tail()
     );
-
-    // It comes back to life; the proxy only tries it again after the fail timeout.
-    d.restart();
-    let deadline = Instant::now() + NOTICE_BOUND;
-    while !proxy.stderr().contains(&up) {
-        assert!(
-            Instant::now() < deadline,
-            "{} not tried again {NOTICE_BOUND:?} after it was taken down with \
-             --fail-timeout 1s\n{}",
-            d.name(),
-            proxy.stderr_tail()
-        );
-        for &ip in &d_clients {
-            let got = served(&proxy, ip);
-            if got == d.name() {
-                // Only possible once the proxy has let it back in, which it logs first.
-                assert!(
-                    wait_log(&proxy, &up, Duration::from_secs(2)),
-                    "{ip} was served by {got}, which is down\n{}",
-                    proxy.stderr_tail()
-                );
-            }
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
     let line = log_line(&proxy, &up).unwrap();
     assert!(line.contains("fail timeout"), "{line}");
     until_round(
@@ -969,6 +1005,12 @@ fn show_mapping_matches_real_flows_and_ignores_backend_order() {
     let busy = TcpListener::bind("127.0.0.1:0").unwrap();
     let busy_addr = busy.local_addr().unwrap().to_string();
     let listen = ["--listen", busy_addr.as_str()];
+    let mut serving = args(&names, &[]);
+    serving[1] = busy_addr.clone();
+    assert!(
+        Proxy::try_start(&serving).is_err(),
+        "ringway could listen on {busy_addr}, which is taken: the check below means nothing"
+    );
 
     for extra in [
         &["--hash", "ring"][..],
