@@ -469,6 +469,12 @@ impl Config {
             .iter()
             .map(|text| parse_client_address(text).map_err(|m| flag_error("--show-mapping", m)))
             .collect::<Result<Vec<_>, _>>()?;
+        if !show_mapping.is_empty() && flags.balance.as_deref().is_some_and(|b| b != "hash") {
+            return Err(flag_error(
+                "--show-mapping",
+                "only --balance hash pins a client to a backend; other modes have no mapping to show",
+            ));
+        }
         let listen_text = match (flags.listen.as_deref(), show_mapping.is_empty()) {
             (Some(text), _) => text,
             // Showing the mapping needs no listener.

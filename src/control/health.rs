@@ -5,9 +5,10 @@
 //! compared) from a thread of their own, so a slow or black-holed backend can never delay the
 //! control thread or a worker. Results go to the control thread as events; it owns the state.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -127,13 +128,15 @@ pub struct CheckResult {
     pub detail: String,
 }
 
-/// Checks running at once in a round: enough for hundreds of backends per interval without a
-/// thread per backend.
+/// Checks running at once: enough for hundreds of backends per interval without a thread per
+/// backend.
 const PARALLEL_CHECKS: usize = 32;
 
-/// Starts the checker thread. It checks every target once per interval (with +-10% jitter, so
-/// many Ringway hosts do not probe in lockstep), takes new target lists from `targets`, and stops
-/// when `targets` is disconnected.
+/// Starts the checker: a scheduler thread that queues every target once per interval (with
+/// +-10% jitter, so many Ringway hosts do not probe in lockstep) and a pool of check threads.
+/// A target whose previous check is still running (a black-holed backend waiting out its
+/// timeout) is skipped for that round, so one slow backend never delays the checks of the
+/// others. New target lists come from `targets`; everything stops when it is disconnected.
 pub fn spawn(
     config: HealthConfig,
     mut current: Vec<CheckTarget>,
@@ -141,6 +144,32 @@ pub fn spawn(
     results: Sender<CheckResult>,
 ) -> std::io::Result<JoinHandle<()>> {
     let interval = config.interval.unwrap_or(Duration::from_secs(2));
+    let busy: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let (jobs, queue) = crossbeam_channel::unbounded::<CheckTarget>();
+    let mut pool = Vec::with_capacity(PARALLEL_CHECKS);
+    for i in 0..PARALLEL_CHECKS {
+        let queue = queue.clone();
+        let results = results.clone();
+        let busy = Arc::clone(&busy);
+        let config = config.clone();
+        pool.push(
+            std::thread::Builder::new()
+                .name(format!("ringway-check{i}"))
+                .spawn(move || {
+                    for target in queue {
+                        let outcome = check(target.addr, &config);
+                        if let Ok(mut busy) = busy.lock() {
+                            busy.remove(&target.name);
+                        }
+                        let _ = results.send(CheckResult {
+                            name: target.name,
+                            ok: outcome.is_ok(),
+                            detail: outcome.err().unwrap_or_default(),
+                        });
+                    }
+                })?,
+        );
+    }
     std::thread::Builder::new()
         .name("ringway-health".into())
         .spawn(move || {
@@ -153,26 +182,20 @@ pub fn spawn(
                         current = list;
                         continue;
                     }
-                    Err(RecvTimeoutError::Disconnected) => return,
+                    Err(RecvTimeoutError::Disconnected) => break,
                     Err(RecvTimeoutError::Timeout) => {}
                 }
                 next_round = Instant::now() + jitter.apply(interval);
-                for chunk in current.chunks(PARALLEL_CHECKS) {
-                    std::thread::scope(|scope| {
-                        for target in chunk {
-                            let config = &config;
-                            let results = &results;
-                            scope.spawn(move || {
-                                let outcome = check(target.addr, config);
-                                let _ = results.send(CheckResult {
-                                    name: target.name.clone(),
-                                    ok: outcome.is_ok(),
-                                    detail: outcome.err().unwrap_or_default(),
-                                });
-                            });
-                        }
-                    });
+                let Ok(mut running) = busy.lock() else { break };
+                for target in &current {
+                    if running.insert(target.name.clone()) {
+                        let _ = jobs.send(target.clone());
+                    }
                 }
+            }
+            drop(jobs); // the pool drains its queue and ends
+            for thread in pool {
+                let _ = thread.join();
             }
         })
 }
