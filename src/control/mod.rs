@@ -134,8 +134,12 @@ pub fn run(config: Config) -> Result<(), StartError> {
         control.print_mapping();
         return Ok(());
     }
+    // Handlers go in before anything starts: a SIGHUP or SIGTERM during start-up (systemd
+    // reload right after start) must not kill the process with the default action.
+    let signals = Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .map_err(|e| StartError(format!("cannot install signal handlers: {e}")))?;
     control.start_workers()?;
-    control.serve()
+    control.serve(signals)
 }
 
 /// Resolves every spec; entries of names already known keep their health state.
@@ -242,11 +246,19 @@ impl Controller {
     fn start_workers(&mut self) -> Result<(), StartError> {
         let cpus = core_affinity::get_core_ids().unwrap_or_default();
         let workers = self.config.workers.unwrap_or(cpus.len().max(1));
+        // Raised even with an explicit --max-conns: each flow needs two descriptors.
+        let fd_limit = raise_fd_limit();
         let max_conns = self.config.max_conns.unwrap_or_else(|| {
-            let limit = raise_fd_limit();
-            let budget = limit.saturating_sub(RESERVED_FDS + 8 * workers as u64) / 2;
+            let budget = fd_limit.saturating_sub(RESERVED_FDS + 8 * workers as u64) / 2;
             budget.max(1) as usize
         });
+        if max_conns as u64 * 2 + RESERVED_FDS > fd_limit {
+            warn!(
+                "--max-conns {max_conns} needs about {} descriptors but the open-file limit is \
+                 {fd_limit}: expect EMFILE (accepts pause) before the limit is reached",
+                max_conns as u64 * 2 + RESERVED_FDS
+            );
+        }
         let listen = self.config.listen;
         let edge = Arc::new(Edge::new(&self.config.edge, self.config.hash_seed));
         let backlog = self.config.edge.listen_backlog;
@@ -365,11 +377,9 @@ impl Controller {
     }
 
     /// The control loop: health results, worker events, signals, periodic work.
-    fn serve(&mut self) -> Result<(), StartError> {
+    fn serve(&mut self, mut signals: Signals) -> Result<(), StartError> {
         let events = self.events.take().expect("workers started");
         let (signal_tx, signal_rx) = crossbeam_channel::bounded(8);
-        let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])
-            .map_err(|e| StartError(format!("cannot install signal handlers: {e}")))?;
         let signal_handle = signals.handle();
         let signal_thread = std::thread::Builder::new()
             .name("ringway-signals".into())
@@ -382,7 +392,9 @@ impl Controller {
             })
             .map_err(|e| StartError(format!("cannot start the signal thread: {e}")))?;
 
-        let (check_tx, check_rx) = crossbeam_channel::unbounded::<CheckResult>();
+        // A source that is off must be `never()`, not a dropped sender: a disconnected channel
+        // is always ready in `select!` and would spin this thread.
+        let (check_tx, mut check_rx) = crossbeam_channel::unbounded::<CheckResult>();
         let mut health_thread = None;
         if self.config.health.interval.is_some() {
             let (targets_tx, targets_rx) = crossbeam_channel::bounded(4);
@@ -398,8 +410,9 @@ impl Controller {
             self.health_targets = Some(targets_tx);
         } else {
             drop(check_tx);
+            check_rx = crossbeam_channel::never();
         }
-        let (dns_tx, dns_rx) = crossbeam_channel::unbounded::<DnsAnswer>();
+        let (dns_tx, mut dns_rx) = crossbeam_channel::unbounded::<DnsAnswer>();
         let (dns_stop_tx, dns_stop_rx) = crossbeam_channel::bounded::<()>(1);
         let mut dns_thread = None;
         if !self.config.backend_dns.is_empty() {
@@ -416,6 +429,7 @@ impl Controller {
             );
         } else {
             drop(dns_tx);
+            dns_rx = crossbeam_channel::never();
         }
         let ticker = crossbeam_channel::tick(Duration::from_secs(1));
 
@@ -457,18 +471,18 @@ impl Controller {
                     Ok(event) => self.on_event(event),
                     Err(_) => break,
                 },
-                recv(check_rx) -> result => {
-                    if let Ok(result) = result {
-                        self.on_check(result);
-                    }
-                }
-                recv(dns_rx) -> answer => {
-                    if let Ok(answer) = answer {
+                recv(check_rx) -> result => match result {
+                    Ok(result) => self.on_check(result),
+                    Err(_) => check_rx = crossbeam_channel::never(),
+                },
+                recv(dns_rx) -> answer => match answer {
+                    Ok(answer) => {
                         if self.sources.apply_dns(answer) {
                             self.apply_sources("DNS");
                         }
                     }
-                }
+                    Err(_) => dns_rx = crossbeam_channel::never(),
+                },
                 recv(ticker) -> _ => self.on_tick(),
             }
         }
