@@ -805,7 +805,13 @@ impl Worker {
             let Some(backend) = snapshot.choose(slot.key_hash, &mut self.pick, |i| {
                 !tried.contains(&(i as u32))
             }) else {
-                slot.flow.abort(CloseReason::NoBackend, more);
+                // Nothing left to try: after failed attempts that is a connect failure.
+                let reason = if slot.tried.is_empty() {
+                    CloseReason::NoBackend
+                } else {
+                    CloseReason::ConnectFailed
+                };
+                slot.flow.abort(reason, more);
                 return;
             };
             slot.tried.push(backend as u32);
