@@ -1,0 +1,258 @@
+//! `--source`: more flows to one backend than one local address can carry.
+//!
+//! The ephemeral port range is per network namespace, so each test makes its own namespace
+//! (`ip netns add`, unique name from the pid and a counter; deleted on drop), brings up its
+//! loopback and shrinks the range to 100 ports (40000-40099). A dedicated thread of the test
+//! switches into the namespace with setns(2); everything it creates (the echo backend, the
+//! client sockets) and every process it spawns (the proxy) lives there.
+//!
+//! With `--source 127.0.0.2 --source 127.0.0.3 --source 127.0.0.4`, 250 concurrent flows to a
+//! single backend all work (three source addresses, ~100 ports each); without `--source` the
+//! same 250 fail beyond ~100, which shows the limit the flag lifts is real.
+//!
+//! Needs root (CAP_SYS_ADMIN) and `ip` from iproute2, as CI has.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+use common::*;
+
+static NETNS_COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// Flows the tests open at once.
+const FLOWS: usize = 250;
+
+fn run(cmd: &mut Command) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("run {cmd:?}: {e} (is iproute2 installed?)"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}\n{}{}\n(these tests need root to create network namespaces)",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace with loopback up and a 100-port ephemeral range; deleted on drop.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new() -> Netns {
+        let name = format!(
+            "ringway-edge-{}-{}",
+            std::process::id(),
+            NETNS_COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        run(Command::new("ip").args(["netns", "add", &name]));
+        let ns = Netns { name };
+        run(Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]));
+        run(Command::new("ip").args([
+            "netns",
+            "exec",
+            &ns.name,
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.ip_local_port_range=40000 40099",
+        ]));
+        ns
+    }
+
+    /// Runs `f` on a new thread that has entered this namespace, and returns its result.
+    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        thread::scope(|scope| {
+            thread::Builder::new()
+                .name(format!("in-{}", self.name))
+                .spawn_scoped(scope, move || {
+                    let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+                    // SAFETY: setns takes a descriptor we own (alive for the call) and a flag;
+                    // it changes only this thread's network namespace.
+                    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                    assert_eq!(rc, 0, "setns({path}): {}", std::io::Error::last_os_error());
+                    f()
+                })
+                .expect("spawn the namespace thread")
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+
+    /// `ss` inside the namespace.
+    fn ss(&self, args: &[&str]) -> Vec<String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name, "ss", "-H"])
+            .args(args)
+            .output()
+            .expect("run ss in the namespace");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// What became of the flows: how many echoed, and how the others ended.
+struct Outcome {
+    served: usize,
+    refused: usize,
+    other: Vec<String>,
+}
+
+/// Opens `FLOWS` flows to `proxy` at once and keeps them open; each sends a line and expects
+/// it back. Client sockets bind explicit ports below the ephemeral range, so the clients
+/// themselves never compete with the proxy for ephemeral ports.
+fn open_flows(proxy: &Proxy) -> (Outcome, Vec<TcpStream>) {
+    let mut streams = Vec::with_capacity(FLOWS);
+    for i in 0..FLOWS {
+        let src = SocketAddr::new(client_ip(9), 30000 + i as u16);
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+        socket.set_reuse_address(true).unwrap();
+        socket.bind(&SockAddr::from(src)).unwrap();
+        socket
+            .connect_timeout(&SockAddr::from(proxy.addr), Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("flow {i}: connect to the proxy: {e}"));
+        let mut s: TcpStream = socket.into();
+        // The proxy may already have closed it: the outcome below tells.
+        let _ = s.write_all(format!("flow {i:04}\n").as_bytes());
+        streams.push(s);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut outcome = Outcome {
+        served: 0,
+        refused: 0,
+        other: Vec::new(),
+    };
+    for (i, s) in streams.iter_mut().enumerate() {
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(10));
+        s.set_read_timeout(Some(left)).unwrap();
+        let want = format!("flow {i:04}\n");
+        let mut got = vec![0u8; want.len()];
+        let mut n = 0;
+        let end = loop {
+            match s.read(&mut got[n..]) {
+                Ok(0) => break Some(Closed::Eof),
+                Ok(k) => {
+                    n += k;
+                    if n == got.len() {
+                        break None;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => break Some(classify(&e)),
+            }
+        };
+        match end {
+            None if got == want.as_bytes() => outcome.served += 1,
+            None => outcome
+                .other
+                .push(format!("flow {i}: got {:?}", String::from_utf8_lossy(&got))),
+            Some(how) if how.is_closed() && n == 0 => outcome.refused += 1,
+            Some(how) => outcome
+                .other
+                .push(format!("flow {i}: {how:?} after {n} bytes")),
+        }
+    }
+    (outcome, streams)
+}
+
+/// Source addresses of the connections the backend on `port` accepted, seen with ss.
+fn sources_seen(ns: &Netns, port: u16) -> BTreeSet<IpAddr> {
+    ns.ss(&["-tn", "state", "established", &format!("sport = :{port}")])
+        .iter()
+        .filter_map(|l| {
+            let peer = l.split_whitespace().last()?;
+            peer.parse::<SocketAddr>().ok().map(|a| a.ip())
+        })
+        .collect()
+}
+
+#[test]
+fn source_addresses_carry_more_flows_to_one_backend_than_one_address_can() {
+    let ns = Netns::new();
+    let (outcome, sources, stderr) = ns.run(|| {
+        let echo = Backend::echo();
+        let proxy = Proxy::start(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--backend",
+            &echo.arg(),
+            "--source",
+            "127.0.0.2",
+            "--source",
+            "127.0.0.3",
+            "--source",
+            "127.0.0.4",
+            // An IPv6 source is skipped for an IPv4 backend.
+            "--source",
+            "::1",
+        ]);
+        let (outcome, streams) = open_flows(&proxy);
+        let sources = sources_seen(&ns, echo.addr.port());
+        let stderr = proxy.stderr_tail();
+        drop(streams);
+        (outcome, sources, stderr)
+    });
+    assert!(
+        outcome.served == FLOWS && outcome.other.is_empty(),
+        "with three --source addresses and a 100-port range, {} of {FLOWS} flows were served, \
+         {} closed, others: {:?}\n{stderr}",
+        outcome.served,
+        outcome.refused,
+        outcome.other
+    );
+    let expected: BTreeSet<IpAddr> = [2, 3, 4].into_iter().map(client_ip).collect();
+    assert_eq!(
+        sources, expected,
+        "the backend's connections came from {sources:?}, expected every --source address"
+    );
+}
+
+#[test]
+fn without_source_one_address_runs_out_of_ports() {
+    let ns = Netns::new();
+    let (outcome, stderr) = ns.run(|| {
+        let echo = Backend::echo();
+        let proxy = Proxy::start(&["--listen", "127.0.0.1:0", "--backend", &echo.arg()]);
+        let (outcome, streams) = open_flows(&proxy);
+        let stderr = proxy.stderr_tail();
+        drop(streams);
+        (outcome, stderr)
+    });
+    // 100 ports, less the two that listeners in the namespace took from the range.
+    assert!(
+        (90..=100).contains(&outcome.served) && outcome.other.is_empty(),
+        "without --source, {} of {FLOWS} flows were served (expected at most the 100 ports of \
+         the range), {} closed, others: {:?}\n{stderr}",
+        outcome.served,
+        outcome.refused,
+        outcome.other
+    );
+    assert_eq!(outcome.served + outcome.refused, FLOWS);
+}
