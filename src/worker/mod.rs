@@ -86,8 +86,8 @@ pub struct Settings {
     pub edge: Arc<Edge>,
 }
 
-/// Buffers a pipe may hold before its recv pauses: 4 x 16 KiB keeps a bulk flow streaming while
-/// a slow reader ties up at most 64 KiB per direction.
+/// Buffers a pipe may hold before its recv pauses: 4 x 64 KiB keeps a bulk flow streaming while
+/// a slow reader ties up at most 256 KiB per direction (4 buffers whatever --buffer-size).
 const MAX_QUEUED_BUFFERS: usize = 4;
 /// Submission queue entries; the completion queue is 4x larger because multishot operations
 /// post many completions per submission.
