@@ -28,7 +28,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::balance::flow_key_hash;
-use crate::config::{BackendSpec, Config};
+use crate::config::{BackendSpec, Config, ProxyVersion};
 use crate::metrics::{BackendStats, WorkerStatsWriter};
 use crate::net;
 use crate::snapshot::{Backend, BackendLoad, BackendSet, PickState, Policy, Snapshot};
@@ -357,7 +357,12 @@ impl Controller {
             return Err(StartError(message));
         }
 
-        let view = Arc::new(View::new(worker_stats, snapshot, access_log));
+        let view = Arc::new(View::new(
+            worker_stats,
+            max_conns as u64,
+            snapshot,
+            access_log,
+        ));
         if let Some(listener) = admin_listener {
             let addr = listener.local_addr().ok();
             admin::spawn(listener, Arc::clone(&view) as Arc<dyn admin::AdminView>)
@@ -398,14 +403,20 @@ impl Controller {
         let mut health_thread = None;
         if self.config.health.interval.is_some() {
             let (targets_tx, targets_rx) = crossbeam_channel::bounded(4);
+            // Backends behind --send-proxy expect a PROXY header first; checks announce
+            // themselves as LOCAL (v2) / UNKNOWN (v1), as HAProxy's check-send-proxy does.
+            let mut check_config = self.config.health.clone();
+            let mut prefix = Vec::new();
+            match self.config.edge.send_proxy {
+                Some(ProxyVersion::V1) => prefix.extend_from_slice(b"PROXY UNKNOWN\r\n"),
+                Some(ProxyVersion::V2) => crate::proxy_protocol::encode_v2_local(&mut prefix),
+                None => {}
+            }
+            prefix.extend_from_slice(&check_config.send);
+            check_config.send = prefix;
             health_thread = Some(
-                health::spawn(
-                    self.config.health.clone(),
-                    self.check_targets(),
-                    targets_rx,
-                    check_tx,
-                )
-                .map_err(|e| StartError(format!("cannot start the health checker: {e}")))?,
+                health::spawn(check_config, self.check_targets(), targets_rx, check_tx)
+                    .map_err(|e| StartError(format!("cannot start the health checker: {e}")))?,
             );
             self.health_targets = Some(targets_tx);
         } else {

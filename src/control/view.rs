@@ -11,6 +11,7 @@ use crate::snapshot::Snapshot;
 
 pub struct View {
     workers: Vec<Arc<WorkerStats>>,
+    max_flows: u64,
     snapshot: Mutex<Arc<Snapshot>>,
     access_log: Option<AccessLog>,
 }
@@ -18,11 +19,13 @@ pub struct View {
 impl View {
     pub fn new(
         workers: Vec<Arc<WorkerStats>>,
+        max_flows: u64,
         snapshot: Arc<Snapshot>,
         access_log: Option<AccessLog>,
     ) -> View {
         View {
             workers,
+            max_flows,
             snapshot: Mutex::new(snapshot),
             access_log,
         }
@@ -50,6 +53,12 @@ impl AdminView for View {
             .map(|b| (b.name.to_string(), Arc::clone(&b.stats), b.backup))
             .collect();
         metrics::render_prometheus(&self.workers, &backends, out);
+        metrics::render_gauge(
+            out,
+            "ringway_max_flows",
+            "The --max-conns limit in force: flows the process holds at most.",
+            self.max_flows,
+        );
         if let Some(log) = &self.access_log {
             metrics::render_counter(
                 out,
