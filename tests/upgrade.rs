@@ -228,11 +228,12 @@ fn wait_signal_handlers(proxy: &Proxy) {
     let caught = || -> u64 {
         let status =
             fs::read_to_string(format!("/proc/{}/status", proxy.pid())).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("SigCgt:"))
-            .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-            .unwrap_or(0)
+        // Caught by a handler, or blocked for a signalfd or sigwait.
+        ["SigCgt:", "SigBlk:"]
+            .iter()
+            .filter_map(|field| status.lines().find_map(|l| l.strip_prefix(field)))
+            .filter_map(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+            .fold(0, |mask, m| mask | m)
     };
     assert!(
         wait_until(Duration::from_secs(10), || caught() & wanted == wanted),
