@@ -216,10 +216,21 @@ impl Controller {
         Arc::new(Snapshot::new(Arc::clone(&self.set), healthy, self.policy))
     }
 
-    fn publish(&mut self) {
+    /// Sends every worker the current snapshot and waits (up to a second) until each routes by
+    /// it, so that what is logged next is already true for every new flow.
+    fn publish_and_wait(&mut self) {
         let snapshot = self.snapshot();
+        let (ack, acks) = crossbeam_channel::bounded(self.workers.len());
         for worker in &mut self.workers {
-            worker.send(Command::Snapshot(Arc::clone(&snapshot)));
+            worker.send(Command::Snapshot(Arc::clone(&snapshot), Some(ack.clone())));
+        }
+        drop(ack);
+        let deadline = Instant::now() + Duration::from_secs(1);
+        for _ in 0..self.workers.len() {
+            if acks.recv_deadline(deadline).is_err() {
+                warn!("a worker did not confirm the new backend set within 1 s");
+                break;
+            }
         }
         if let Some(view) = &self.view {
             view.set_snapshot(snapshot);
@@ -598,10 +609,12 @@ impl Controller {
 
     /// Logs a health change, updates the metrics and sends workers the new mask.
     fn transition(&mut self, i: usize, up: bool, how: &str, detail: &str) {
-        let name = &self.entries[i].spec.name;
-        if let Some(shared) = self.shared.get(name) {
+        let name = self.entries[i].spec.name.clone();
+        if let Some(shared) = self.shared.get(&name) {
             shared.stats.set_healthy(up);
         }
+        // Every worker uses the new mask before the line is logged: what it says is true.
+        self.publish_and_wait();
         let healthy = self.entries.iter().filter(|e| e.health.is_up()).count();
         let total = self.entries.len();
         if up {
@@ -612,7 +625,6 @@ impl Controller {
         if healthy == 0 {
             warn!("no backend is healthy: new flows are refused until one comes back");
         }
-        self.publish();
     }
 
     /// SIGHUP or a file change: re-read the backends file and apply it as a whole.
@@ -666,6 +678,7 @@ impl Controller {
         self.shared
             .retain(|name, _| self.entries.iter().any(|e| e.spec.name == *name));
         let moved = moved_fraction(&old_set, &self.set);
+        self.publish_and_wait();
         info!(
             "{why}: backends changed (added: [{}], removed: [{}], {} total); {:.1}% of keys moved",
             added.join(", "),
@@ -677,7 +690,6 @@ impl Controller {
             self.entries.len(),
             moved * 100.0
         );
-        self.publish();
         if let Some(targets) = &self.health_targets {
             let _ = targets.try_send(self.check_targets());
         }

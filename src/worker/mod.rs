@@ -41,8 +41,9 @@ use token::{Kind, Token};
 
 /// Messages from the control thread. Each is followed by a byte on the worker's wake pipe.
 pub enum Command {
-    /// Route new flows by this snapshot from now on.
-    Snapshot(Arc<Snapshot>),
+    /// Route new flows by this snapshot from now on; acknowledge on the sender, if any, once
+    /// it is in use (the control thread waits for that before it reports a backend change).
+    Snapshot(Arc<Snapshot>, Option<Sender<()>>),
     /// Stop accepting, close every flow, and end the thread.
     Stop,
     /// Stop accepting; let live flows finish, close what is left at `deadline`, then end.
@@ -1025,9 +1026,12 @@ impl Worker {
     fn on_wake(&mut self, res: i32) {
         while let Ok(command) = self.commands.try_recv() {
             match command {
-                Command::Snapshot(snapshot) => {
+                Command::Snapshot(snapshot, ack) => {
                     let old = std::mem::replace(&mut self.snapshot, snapshot);
                     self.retired.push(old);
+                    if let Some(ack) = ack {
+                        let _ = ack.send(());
+                    }
                 }
                 Command::Stop => self.stop(),
                 Command::Drain { deadline } => self.drain(deadline),
