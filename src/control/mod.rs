@@ -75,10 +75,13 @@ struct WorkerHandle {
 }
 
 impl WorkerHandle {
-    fn send(&mut self, command: Command) {
-        if self.commands.send(command).is_ok() {
+    /// Returns whether the worker is still there to receive it.
+    fn send(&mut self, command: Command) -> bool {
+        let sent = self.commands.send(command).is_ok();
+        if sent {
             let _ = self.wake.write_all(&[1]);
         }
+        sent
     }
 }
 
@@ -221,12 +224,15 @@ impl Controller {
     fn publish_and_wait(&mut self) {
         let snapshot = self.snapshot();
         let (ack, acks) = crossbeam_channel::bounded(self.workers.len());
+        let mut listening = 0;
         for worker in &mut self.workers {
-            worker.send(Command::Snapshot(Arc::clone(&snapshot), Some(ack.clone())));
+            if worker.send(Command::Snapshot(Arc::clone(&snapshot), Some(ack.clone()))) {
+                listening += 1;
+            }
         }
         drop(ack);
         let deadline = Instant::now() + Duration::from_secs(1);
-        for _ in 0..self.workers.len() {
+        for _ in 0..listening {
             if acks.recv_deadline(deadline).is_err() {
                 warn!("a worker did not confirm the new backend set within 1 s");
                 break;
@@ -535,7 +541,7 @@ impl Controller {
 
     fn broadcast(&mut self, command: impl Fn() -> Command) {
         for worker in &mut self.workers {
-            worker.send(command());
+            let _ = worker.send(command());
         }
     }
 
