@@ -390,6 +390,15 @@ impl Controller {
         }
         self.view = Some(view);
 
+        if std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req")
+            .is_ok_and(|v| v.trim() == "0")
+        {
+            info!(
+                "net.ipv4.tcp_migrate_req is 0: during an upgrade the kernel resets connections \
+                 still queued on this process's listeners when it stops; set it to 1 for \
+                 zero-loss upgrades (docs/operations.md)"
+            );
+        }
         let names: Vec<String> = self.entries.iter().map(describe).collect();
         info!(
             "listening on {listen_addr} with {workers} workers, max {max_conns} flows, backends: {}",
