@@ -1280,14 +1280,20 @@ fn measure(proxy: &LimitedProxy, len: Duration) -> (Duration, Duration, usize) {
     )
 }
 
-/// The shared flood scenario: established flows, then `FLOOD` idle connections. Checks that
-/// the established flows keep working byte-exact, that the proxy does not spin (idle, and
-/// while the flood is held open), that it does not log a line per connection, that with
-/// `max_fds` it holds at most that many descriptors (flows beyond `--max-conns` wait in the
-/// kernel backlog), and that it serves new flows once the flood is gone. Every finding is
-/// collected, so one failure message tells the whole story.
-fn flood(nofile: u32, extra: &[&str], max_fds: Option<usize>) {
+/// The shared flood scenario. The test first opens `hold` flows (4 checked byte-exact
+/// throughout, 4 "triggers", the rest idle fillers), then `FLOOD` idle connections, then ends
+/// the triggers one by one while the flood is queued (each frees room, so the proxy accepts
+/// again with a deep accept queue in front of it). Checks that the checked flows keep working,
+/// that the proxy does not spin (idle, and while the flood is held open), that it does not log
+/// a line per connection, that with `max_fds` it holds at most that many descriptors
+/// (connections beyond `--max-conns` wait in the kernel backlog), and that it serves new flows
+/// once the flood is gone. Every finding is collected, so one failure message tells the whole
+/// story.
+fn flood(nofile: u32, extra: &[&str], hold: usize, max_fds: Option<usize>) {
     const FLOOD: usize = 1500;
+    const CHECKED: usize = 4;
+    const TRIGGERS: usize = 4;
+    assert!(hold >= CHECKED + TRIGGERS);
     raise_nofile(6000);
     let echo = Backend::echo();
     let mut argv = args("127.0.0.1:0", &[&echo], extra);
@@ -1297,24 +1303,45 @@ fn flood(nofile: u32, extra: &[&str], max_fds: Option<usize>) {
     let what = format!("ulimit -n {nofile}, {extra:?}");
     let mut problems: Vec<String> = Vec::new();
 
-    let mut established: Vec<TcpStream> = (0..4)
-        .map(|_| connect_from(client_ip(2), proxy.addr).unwrap())
-        .collect();
-    for (i, s) in established.iter_mut().enumerate() {
-        roundtrip_pattern(s, 500 + i as u64, 16 * 1024)
-            .unwrap_or_else(|e| panic!("{what}: established flow {i} before the flood: {e}"));
+    let mut held: Vec<TcpStream> = Vec::with_capacity(hold);
+    for i in 0..hold {
+        let mut s = connect_from(client_ip(2), proxy.addr).unwrap();
+        let (key, len) = if i < CHECKED {
+            (500 + i as u64, 16 * 1024)
+        } else {
+            (550, 1)
+        };
+        roundtrip_pattern(&mut s, key, len).unwrap_or_else(|e| {
+            panic!(
+                "{what}: flow {i} before the flood: {e}\n{}",
+                proxy.stderr_tail()
+            )
+        });
+        held.push(s);
     }
+    let mut fillers = held.split_off(CHECKED + TRIGGERS);
+    let triggers = held.split_off(CHECKED);
+    let mut established = held;
     let (busy, window, _) = measure(&proxy, Duration::from_secs(1));
     if busy >= window / 2 {
         problems.push(format!(
-            "with 4 open, silent flows and no flood, the proxy used {busy:?} of CPU in \
+            "with {hold} open, silent flows and no flood, the proxy used {busy:?} of CPU in \
              {window:?}: it spins even when idle"
         ));
     }
 
-    let (flood, fds_opening) = open_flood(&proxy, FLOOD, 300);
-    let (busy, window, fds) = measure(&proxy, Duration::from_secs(2));
-    let fds = fds.max(fds_opening);
+    let (flood, mut fds) = open_flood(&proxy, FLOOD, 300);
+    for (i, mut t) in triggers.into_iter().enumerate() {
+        t.shutdown(Shutdown::Write).unwrap();
+        if let Err(e) = expect_closed(&mut t, CLOSE_TIMEOUT) {
+            problems.push(format!(
+                "trigger flow {i}, half-closed during the flood, did not end: {e}"
+            ));
+        }
+        fds = fds.max(proxy.open_fds());
+    }
+    let (busy, window, fds_window) = measure(&proxy, Duration::from_secs(2));
+    let fds = fds.max(fds_window);
     if busy >= window / 2 {
         problems.push(format!(
             "the proxy used {busy:?} of CPU in {window:?} while {FLOOD} idle connections were \
@@ -1324,9 +1351,9 @@ fn flood(nofile: u32, extra: &[&str], max_fds: Option<usize>) {
     if let Some(max) = max_fds {
         if fds > max {
             problems.push(format!(
-                "the proxy held up to {fds} descriptors during the flood (expected at most {max}: two \
-                 per flow and some overhead; connections beyond --max-conns should wait in the \
-                 kernel backlog, not in the process)"
+                "the proxy held up to {fds} descriptors during the flood (expected at most {max}: \
+                 two per flow and some overhead; connections beyond --max-conns should wait in \
+                 the kernel backlog, not in the process)"
             ));
         }
     }
@@ -1337,6 +1364,7 @@ fn flood(nofile: u32, extra: &[&str], max_fds: Option<usize>) {
     }
     proxy.assert_running();
 
+    fillers.clear();
     drop(flood);
     // A new flow is served once the proxy has worked through what the flood left queued:
     // retry (each attempt waits its turn in the queue) until one works or 20 s pass.
@@ -1411,15 +1439,16 @@ fn flood(nofile: u32, extra: &[&str], max_fds: Option<usize>) {
 
 #[test]
 fn flood_at_max_conns_does_not_starve_open_flows() {
-    // 200 flows are 400 descriptors; the rest of the 1024 are overhead and headroom.
-    flood(1024, &["--max-conns", "200"], Some(2 * 200 + 100));
+    // The test holds all 200 flows before the flood, so every flood connection must wait in
+    // the kernel. 200 flows are 400 descriptors; the rest of the 1024 are headroom.
+    flood(1024, &["--max-conns", "200"], 200, Some(2 * 200 + 100));
 }
 
 /// `--max-conns` above what the open-file limit allows: accepts (and backend sockets) fail
 /// with EMFILE during the flood.
 #[test]
 fn flood_beyond_the_open_file_limit_does_not_starve_open_flows() {
-    flood(1024, &["--max-conns", "5000"], None);
+    flood(1024, &["--max-conns", "5000"], 8, None);
 }
 
 // ---------------------------------------------------------------------------------------------
