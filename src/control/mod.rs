@@ -311,6 +311,7 @@ impl Controller {
             buffer_size: self.config.buffer_size,
             buffers: self.config.buffers,
             edge,
+            multishot_accept_room: (backlog.max(0) as usize + 64) * workers,
         };
         let (events_tx, events_rx) = crossbeam_channel::bounded(EVENT_QUEUE);
         self.events = Some(events_rx);

@@ -85,6 +85,9 @@ pub struct Settings {
     pub buffer_size: u32,
     pub buffers: u16,
     pub edge: Arc<Edge>,
+    /// Room below `max_conns` under which accepts are single-shot: enough that every worker's
+    /// multishot accept could take a full listen backlog without passing the limit.
+    pub multishot_accept_room: usize,
 }
 
 /// Buffers a pipe may hold before its recv pauses: 4 x 64 KiB keeps a bulk flow streaming while
@@ -195,6 +198,7 @@ struct Worker {
     /// Removed backends whose remaining flows close at the deadline.
     backend_deadlines: Vec<(Vec<Arc<str>>, Instant)>,
     accept_errors: RateLimited,
+    socket_errors: RateLimited,
     stats: WorkerStatsWriter,
     access_log: Option<AccessLog>,
     listen_addr: SocketAddr,
@@ -281,6 +285,7 @@ impl Worker {
             drain_deadline: None,
             backend_deadlines: Vec::new(),
             accept_errors: RateLimited::new(),
+            socket_errors: RateLimited::new(),
             stats: setup.stats,
             access_log: setup.access_log,
             listen_addr: setup.listen_addr,
@@ -353,11 +358,24 @@ impl Worker {
         let Some(listener) = &self.listener else {
             return;
         };
-        let entry = opcode::AcceptMulti::new(types::Fd(listener.as_raw_fd()))
-            .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
-            .build()
-            .user_data(Token::worker(Kind::Accept).encode());
-        self.push(entry);
+        // A multishot accept takes everything queued on the listener in one go, before a cancel
+        // can stop it. Far from --max-conns that is what we want; close to it, it would pull
+        // the whole backlog into user space (and past the fd limit) instead of leaving it in the
+        // kernel, so there one connection is accepted per submission.
+        let room = self
+            .settings
+            .max_conns
+            .saturating_sub(self.active_flows.load(Ordering::Relaxed));
+        let fd = types::Fd(listener.as_raw_fd());
+        let flags = libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+        let entry = if room > self.settings.multishot_accept_room {
+            opcode::AcceptMulti::new(fd).flags(flags).build()
+        } else {
+            opcode::Accept::new(fd, std::ptr::null_mut(), std::ptr::null_mut())
+                .flags(flags)
+                .build()
+        };
+        self.push(entry.user_data(Token::worker(Kind::Accept).encode()));
         self.accept = AcceptState::Armed;
     }
 
@@ -389,8 +407,10 @@ impl Worker {
             if self.has_room() && self.parked.is_empty() {
                 self.start_flow(fd);
             } else {
-                // Over the limit: hold it like the kernel backlog would, and stop accepting.
+                // Over the limit: hold it like the kernel backlog would (served first when room
+                // comes back), and stop accepting.
                 self.parked.push_back(fd);
+                self.resume_accepting();
             }
             if !self.has_room() {
                 self.cancel_accept();
@@ -424,8 +444,8 @@ impl Worker {
         if self.accept == AcceptState::Paused {
             if self.stopping {
                 self.close_listener();
-            } else if self.accept_resume_at.is_none() && self.has_room() {
-                self.arm_accept();
+            } else {
+                self.resume_accepting();
             }
         }
     }
@@ -824,10 +844,14 @@ impl Worker {
             {
                 Ok(socket) => socket,
                 Err(e) => {
-                    warn!(
-                        "flow {}: cannot open a socket to {}: {e}",
-                        slot.client_addr, target.name
-                    );
+                    let client = slot.client_addr;
+                    self.socket_errors.warn(|suppressed| {
+                        format!(
+                            "flow {client}: cannot open a socket to {}: {e} ({suppressed} more \
+                             since last report)",
+                            target.name
+                        )
+                    });
                     if slot.tried.len() as u32 > self.settings.retries {
                         slot.flow.abort(CloseReason::ConnectFailed, more);
                         return;
@@ -933,9 +957,7 @@ impl Worker {
         }
         drop(slot); // closes both sockets
         self.active_flows.fetch_sub(1, Ordering::Relaxed);
-        if self.accept != AcceptState::Armed {
-            self.resume_accepting();
-        }
+        self.resume_accepting();
     }
 
     /// Bytes of the client's PROXY header arrived: parse what we have, then read more, refuse,
@@ -1163,9 +1185,7 @@ impl Worker {
         if !self.backend_deadlines.is_empty() {
             self.close_drained_backends();
         }
-        if self.accept == AcceptState::Paused {
-            self.resume_accepting();
-        }
+        self.resume_accepting();
         if !self.stopping || !self.slots.is_empty() {
             self.arm_tick();
         }

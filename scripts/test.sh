@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: installs what the integration tests need on a Debian machine, then
+# `cargo test --workspace`. Extra arguments go to cargo test.
+#
+# The integration tests use real peers and network namespaces, so they need:
+#   iproute2      ip netns, ss (upgrade, --source and socket-option tests)
+#   procps        sysctl
+#   dnsmasq-base  a real DNS server for --backend-dns
+#   nginx         a real PROXY protocol peer for --send-proxy
+# and root (network namespaces, setns). Nothing here talks to anything but loopback or
+# namespaces the tests create themselves.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+need=()
+for pkg in iproute2 procps dnsmasq-base nginx; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+if ((${#need[@]})); then
+    echo "installing test dependencies: ${need[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    as_root apt-get update -qq
+    # Keep package scripts from starting services (nginx would take port 80): the tests start
+    # their own private instances.
+    added_policy=0
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        as_root sh -c 'printf "#!/bin/sh\nexit 101\n" > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d'
+        added_policy=1
+    fi
+    as_root apt-get install -y -qq "${need[@]}"
+    if [ "$added_policy" = 1 ]; then as_root rm -f /usr/sbin/policy-rc.d; fi
+fi
+
+if [ "$(id -u)" != 0 ]; then
+    echo "note: the network-namespace tests need root; run this as root (or with sudo -E)" >&2
+fi
+
+exec cargo test --workspace "$@"
