@@ -1,0 +1,163 @@
+//! Accepting: the multishot (or, near `--max-conns`, single-shot) accept on the listener,
+//! pausing it at the limit or after EMFILE, parked connections, and closing the listener.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use io_uring::{opcode, types};
+use log::debug;
+
+use super::token::{Kind, Token};
+use super::{AcceptState, Worker};
+
+/// How long accepting pauses after EMFILE/ENFILE before trying again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+impl Worker {
+    pub(super) fn arm_accept(&mut self) {
+        if self.stopping || self.accept != AcceptState::Paused {
+            return;
+        }
+        let Some(listener) = &self.listener else {
+            return;
+        };
+        // A multishot accept takes everything queued on the listener in one go, before a cancel
+        // can stop it. Far from --max-conns that is what we want; close to it, it would pull
+        // the whole backlog into user space (and past the fd limit) instead of leaving it in the
+        // kernel, so there one connection is accepted per submission.
+        let room = self
+            .settings
+            .max_conns
+            .saturating_sub(self.active_flows.load(Ordering::Relaxed));
+        let fd = types::Fd(listener.as_raw_fd());
+        let flags = libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+        let entry = if room > self.settings.multishot_accept_room {
+            opcode::AcceptMulti::new(fd).flags(flags).build()
+        } else {
+            opcode::Accept::new(fd, std::ptr::null_mut(), std::ptr::null_mut())
+                .flags(flags)
+                .build()
+        };
+        self.push(entry.user_data(Token::worker(Kind::Accept).encode()));
+        self.accept = AcceptState::Armed;
+    }
+
+    pub(super) fn cancel_accept(&mut self) {
+        if self.accept == AcceptState::Armed {
+            let entry = opcode::AsyncCancel::new(Token::worker(Kind::Accept).encode())
+                .build()
+                .user_data(Token::worker(Kind::AcceptCancel).encode());
+            self.push(entry);
+            self.accept = AcceptState::Cancelling;
+        }
+    }
+
+    fn has_room(&self) -> bool {
+        self.active_flows.load(Ordering::Relaxed) < self.settings.max_conns
+    }
+
+    pub(super) fn on_accept(&mut self, res: i32, more: bool) {
+        if !more {
+            self.accept = AcceptState::Paused;
+        }
+        if res >= 0 {
+            // SAFETY: a successful accept completion hands us a new descriptor that nothing else
+            // owns; OwnedFd closes it exactly once.
+            let fd = unsafe { OwnedFd::from_raw_fd(res as RawFd) };
+            if self.hard_stop {
+                return; // dropped: closed
+            }
+            if self.has_room() && self.parked.is_empty() {
+                self.start_flow(fd);
+            } else {
+                // Over the limit: hold it like the kernel backlog would (served first when room
+                // comes back), and stop accepting.
+                self.parked.push_back(fd);
+                self.resume_accepting();
+            }
+            if !self.has_room() {
+                self.cancel_accept();
+            }
+        } else {
+            match -res {
+                libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM => {
+                    self.stats.accept_error();
+                    self.accept_errors.warn(|suppressed| {
+                        format!(
+                            "worker {}: accept failed: {} ({suppressed} more since last report); \
+                             pausing accepts for {ACCEPT_BACKOFF:?}, open flows keep running",
+                            self.id,
+                            io::Error::from_raw_os_error(-res)
+                        )
+                    });
+                    self.accept_resume_at = Some(Instant::now() + ACCEPT_BACKOFF);
+                    self.cancel_accept();
+                }
+                libc::ECANCELED => {}
+                errno => {
+                    self.stats.accept_error();
+                    debug!(
+                        "worker {}: accept error: {}",
+                        self.id,
+                        io::Error::from_raw_os_error(errno)
+                    );
+                }
+            }
+        }
+        if self.accept == AcceptState::Paused {
+            if self.stopping {
+                self.close_listener();
+            } else {
+                self.resume_accepting();
+            }
+        }
+    }
+
+    /// Closes the listener for good. When draining, the connections already queued on it are
+    /// accepted and served first: closing a listener resets its queue (unless the kernel
+    /// migrates it to another SO_REUSEPORT listener, net.ipv4.tcp_migrate_req = 1).
+    pub(super) fn close_listener(&mut self) {
+        if let (Some(listener), false) = (&self.listener, self.hard_stop) {
+            let mut queued = Vec::new();
+            while let Ok((socket, _)) = listener.accept() {
+                queued.push(OwnedFd::from(socket));
+            }
+            for fd in queued {
+                if self.has_room() && self.parked.is_empty() {
+                    self.start_flow(fd);
+                } else {
+                    self.parked.push_back(fd);
+                }
+            }
+        }
+        self.listener = None;
+        self.accept = AcceptState::Closed;
+    }
+
+    /// Serve parked connections and resume accepting when there is room again.
+    pub(super) fn resume_accepting(&mut self) {
+        if self.hard_stop {
+            return;
+        }
+        while self.has_room() {
+            let Some(fd) = self.parked.pop_front() else {
+                break;
+            };
+            self.start_flow(fd);
+        }
+        if self.stopping {
+            return;
+        }
+        if let Some(at) = self.accept_resume_at {
+            if Instant::now() < at {
+                return;
+            }
+            self.accept_resume_at = None;
+        }
+        if self.has_room() && self.parked.is_empty() {
+            self.arm_accept();
+        }
+    }
+}

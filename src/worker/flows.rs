@@ -1,0 +1,345 @@
+//! Flows: starting one on an accepted socket, routing its completions to the flow state
+//! machine, the client's PROXY header, flows waiting for buffers, and releasing the slot.
+
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use io_uring::cqueue;
+use log::debug;
+use socket2::SockRef;
+
+use crate::balance::flow_key_hash;
+use crate::control::access_log::FlowRecord;
+use crate::control::Event;
+use crate::flow::{CloseReason, Ending, Flow, Op, Phase};
+use crate::metrics::CloseKind;
+use crate::proxy_protocol::{self, Parsed};
+
+use super::token::{self, Kind, Token};
+use super::{timespec, Greeting, Slot, Worker};
+
+impl Worker {
+    pub(super) fn start_flow(&mut self, client: OwnedFd) {
+        let client_addr = match SockRef::from(&client).peer_addr().map(|a| a.as_socket()) {
+            Ok(Some(addr)) => addr,
+            // The client is already gone (reset while queued): nothing to serve.
+            _ => return,
+        };
+        let edge = Arc::clone(&self.settings.edge);
+        // Behind trusted load balancers the real client is only known from the PROXY header:
+        // admission waits for it. Otherwise refuse here, before anything is allocated.
+        let mut ticket = None;
+        let mut greeting = None;
+        if edge.trusted.is_some() {
+            if !edge.trusts(client_addr.ip()) {
+                self.stats.flow_refused(CloseKind::RefusedProxyHeader);
+                return;
+            }
+        } else {
+            match edge.admit(client_addr.ip()) {
+                Ok(t) => ticket = t,
+                Err(reason) => {
+                    debug!("flow {client_addr}: refused ({reason:?})");
+                    self.stats.flow_refused(CloseKind::from(reason));
+                    return;
+                }
+            }
+        }
+        if edge.trusted.is_some() || edge.sends_proxy_header() {
+            let local = SockRef::from(&client)
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_socket())
+                .unwrap_or(self.listen_addr);
+            let mut preface = Vec::new();
+            if edge.trusted.is_none() {
+                edge.proxy_header(client_addr, local, &mut preface);
+            }
+            greeting = Some(Box::new(Greeting {
+                header: Vec::new(),
+                deadline: Instant::now() + edge.header_timeout,
+                timeout: timespec(edge.header_timeout),
+                preface,
+                local,
+            }));
+        }
+        self.active_flows.fetch_add(1, Ordering::Relaxed);
+        self.stats.flow_accepted();
+        let generation = self.next_generation;
+        self.next_generation = (self.next_generation + 1) & token::GENERATION_MASK;
+        let key_hash = flow_key_hash(
+            &client_addr,
+            self.settings.hash_key,
+            self.settings.hash_seed,
+        );
+        let slot = self.slots.insert(Slot {
+            generation,
+            flow: Flow::new(self.limits),
+            client,
+            backend: None,
+            client_addr,
+            key_hash,
+            backend_index: None,
+            backend_set: None,
+            backend_load: None,
+            tried: Vec::new(),
+            last_active: self.timers.now(),
+            timer_filed: false,
+            accepted_at: Instant::now(),
+            connect_started: None,
+            connect_time: None,
+            ticket,
+            greeting,
+        });
+        let mut ops = std::mem::take(&mut self.ops);
+        let entry = &mut self.slots[slot];
+        if let Some(greeting) = &entry.greeting {
+            entry.flow.set_preface(greeting.preface.len() as u32);
+        }
+        entry.flow.start(&mut ops);
+        self.apply(slot, &mut ops);
+        self.ops = ops;
+    }
+
+    pub(super) fn on_flow_completion(&mut self, token: Token, res: i32, flags: u32) {
+        let index = token.slot as usize;
+        match self.slots.get(index) {
+            Some(slot) if slot.generation == token.generation => {}
+            // Stale: the flow that issued it is gone. Only a recv can still hold a buffer.
+            _ => {
+                if let Some(bid) = cqueue::buffer_select(flags) {
+                    self.bufring.take();
+                    self.bufring.give_back(bid);
+                }
+                return;
+            }
+        }
+        let mut ops = std::mem::take(&mut self.ops);
+        let now = self.timers.now();
+        let slot = &mut self.slots[index];
+        match token.kind {
+            Kind::Connect => {
+                let backend = slot
+                    .backend_index
+                    .zip(slot.backend_set.as_ref())
+                    .and_then(|(i, set)| set.backends.get(i));
+                if res >= 0 {
+                    slot.connect_time = slot.connect_started.map(|t| t.elapsed());
+                    self.stats.connected(slot.connect_time.unwrap_or_default());
+                    if let Some(backend) = backend {
+                        backend.stats.flow_started();
+                    }
+                } else if slot.flow.phase() != Phase::Closing {
+                    self.stats.connect_failed();
+                    if let Some(backend) = backend {
+                        backend.stats.connect_failed();
+                    }
+                }
+                if res < 0 {
+                    if let (Some(i), Some(set)) = (slot.backend_index, &slot.backend_set) {
+                        debug!(
+                            "flow {} -> {}: connect failed: {}",
+                            slot.client_addr,
+                            set.backends.get(i).map_or("?", |b| &*b.name),
+                            io::Error::from_raw_os_error(-res)
+                        );
+                        // A connect cancelled because the flow is closing says nothing about
+                        // the backend; a timeout (also ECANCELED, from the linked timeout) does.
+                        if slot.flow.phase() != Phase::Closing {
+                            let _ = self.events.try_send(Event::BackendFailure {
+                                set: Arc::clone(set),
+                                index: i,
+                            });
+                        }
+                    }
+                }
+                slot.flow.on_connect(res, &mut ops);
+                if slot.flow.phase() == Phase::Relaying && !slot.timer_filed {
+                    slot.last_active = now;
+                    if let Some(idle) = self.idle_ticks {
+                        slot.timer_filed = true;
+                        self.timers
+                            .schedule(now + idle, (token.slot, token.generation));
+                    }
+                }
+            }
+            Kind::LinkTimeout => slot.flow.on_link_timeout(&mut ops),
+            Kind::HeaderRecv => {
+                if slot.flow.on_header_read(res, &mut ops) {
+                    self.on_header_bytes(index, res as usize, &mut ops);
+                }
+            }
+            Kind::Preface => slot.flow.on_preface_sent(res, &mut ops),
+            Kind::Recv(side) => {
+                let buf = cqueue::buffer_select(flags);
+                if buf.is_some() {
+                    self.bufring.take();
+                }
+                slot.last_active = now;
+                slot.flow
+                    .on_recv(side, res, buf, cqueue::more(flags), &mut ops);
+            }
+            Kind::RecvCancel(side) => slot.flow.on_recv_cancelled(side, &mut ops),
+            Kind::Send(side) => {
+                slot.last_active = now;
+                slot.flow.on_send(side, res, &mut ops);
+            }
+            Kind::Shutdown(side) => slot.flow.on_shutdown(side, res, &mut ops),
+            Kind::CancelAll(_) => slot.flow.on_cancel_all_done(&mut ops),
+            Kind::Accept | Kind::AcceptCancel | Kind::Wake | Kind::Tick => {}
+        }
+        self.apply(index, &mut ops);
+        self.ops = ops;
+    }
+
+    pub(super) fn release(&mut self, index: usize, ending: Ending) {
+        let slot = self.slots.remove(index);
+        if ending.reset_client {
+            let _ = SockRef::from(&slot.client).set_linger(Some(Duration::ZERO));
+        }
+        if let (true, Some(backend)) = (ending.reset_backend, &slot.backend) {
+            let _ = backend.set_linger(Some(Duration::ZERO));
+        }
+        if let Some(load) = &slot.backend_load {
+            load.active.fetch_sub(1, Ordering::Relaxed);
+        }
+        if let Some(ticket) = slot.ticket {
+            self.settings.edge.release(ticket);
+        }
+        let (up, down) = slot.flow.bytes();
+        let backend = slot
+            .backend_index
+            .zip(slot.backend_set.as_ref())
+            .and_then(|(i, set)| set.backends.get(i));
+        let kind = CloseKind::from(ending.reason);
+        self.stats.flow_closed(kind);
+        self.stats.bytes_client_to_backend(up);
+        self.stats.bytes_backend_to_client(down);
+        if let (Some(backend), Some(_)) = (backend, slot.connect_time) {
+            backend.stats.flow_ended(up, down);
+        }
+        if let Some(log) = &self.access_log {
+            let duration = slot.accepted_at.elapsed();
+            log.log(FlowRecord {
+                start: std::time::SystemTime::now() - duration,
+                client: slot.client_addr,
+                listener: self.listen_addr,
+                backend: backend
+                    .filter(|_| slot.connect_time.is_some())
+                    .map(|b| Arc::clone(&b.name)),
+                bytes_client_to_backend: up,
+                bytes_backend_to_client: down,
+                duration,
+                connect: slot.connect_time,
+                reason: kind,
+            });
+        }
+        if let (CloseReason::BackendReset, 0, Some(i), Some(set)) =
+            (ending.reason, down, slot.backend_index, &slot.backend_set)
+        {
+            // Reset before sending a byte: as suspicious as a failed connect.
+            let _ = self.events.try_send(Event::BackendFailure {
+                set: Arc::clone(set),
+                index: i,
+            });
+        }
+        debug!(
+            "flow {} -> {} closed ({:?}): {} bytes up, {} bytes down, {} connect attempts",
+            slot.client_addr,
+            backend.map_or("-", |b| &*b.name),
+            ending.reason,
+            up,
+            down,
+            slot.flow.connect_attempts()
+        );
+        if matches!(
+            ending.reason,
+            CloseReason::NoBackend | CloseReason::ConnectFailed
+        ) {
+            self.accept_errors.warn(|suppressed| {
+                format!(
+                    "flow {}: no backend could be reached ({:?}, {suppressed} similar since last report)",
+                    slot.client_addr, ending.reason
+                )
+            });
+        }
+        drop(slot); // closes both sockets
+        self.active_flows.fetch_sub(1, Ordering::Relaxed);
+        self.resume_accepting();
+    }
+
+    /// Bytes of the client's PROXY header arrived: parse what we have, then read more, refuse,
+    /// or admit the real client and connect.
+    fn on_header_bytes(&mut self, index: usize, received: usize, ops: &mut Vec<Op>) {
+        let edge = Arc::clone(&self.settings.edge);
+        let hash_key = self.settings.hash_key;
+        let seed = self.settings.hash_seed;
+        let slot = &mut self.slots[index];
+        let Some(greeting) = slot.greeting.as_mut() else {
+            return;
+        };
+        let filled = greeting.header.len() + received;
+        // SAFETY: the kernel wrote `received` bytes into the spare capacity right after the
+        // initialised part (the recv was given exactly that region), so they are initialised.
+        unsafe {
+            greeting
+                .header
+                .set_len(filled.min(greeting.header.capacity()))
+        };
+        match proxy_protocol::parse(&greeting.header) {
+            Ok(Parsed::Incomplete { .. }) if greeting.header.len() < greeting.header.capacity() => {
+                slot.flow.header_incomplete(ops)
+            }
+            Ok(Parsed::Incomplete { .. }) => slot.flow.abort(CloseReason::BadProxyHeader, ops),
+            Ok(Parsed::Complete {
+                header_len, source, ..
+            }) => {
+                if let Some(client) = source {
+                    slot.client_addr = client;
+                    slot.key_hash = flow_key_hash(&client, hash_key, seed);
+                }
+                match edge.admit(slot.client_addr.ip()) {
+                    Ok(ticket) => slot.ticket = ticket,
+                    Err(reason) => {
+                        debug!("flow {}: refused ({reason:?})", slot.client_addr);
+                        slot.flow.abort(reason, ops);
+                        return;
+                    }
+                }
+                // Our own header (if any) first, then client bytes that came with theirs.
+                let mut preface = Vec::new();
+                edge.proxy_header(slot.client_addr, greeting.local, &mut preface);
+                preface.extend_from_slice(&greeting.header[header_len..]);
+                greeting.preface = preface;
+                greeting.header = Vec::new();
+                slot.flow.set_preface(greeting.preface.len() as u32);
+                slot.flow.header_done(ops);
+            }
+            Err(e) => {
+                debug!("flow {}: bad PROXY header: {e}", slot.client_addr);
+                slot.flow.abort(CloseReason::BadProxyHeader, ops);
+            }
+        }
+    }
+
+    /// Re-arm recvs of flows that ran out of buffers, at most one flow per returned buffer.
+    pub(super) fn wake_starved(&mut self, mut budget: usize) {
+        while budget > 0 {
+            let Some((index, generation)) = self.starved.pop_front() else {
+                return;
+            };
+            let mut ops = std::mem::take(&mut self.ops);
+            if let Some(slot) = self.slots.get_mut(index as usize) {
+                if slot.generation == generation && slot.flow.is_starved() {
+                    slot.flow.on_buffers_available(&mut ops);
+                    budget -= 1;
+                }
+            }
+            self.apply(index as usize, &mut ops);
+            self.ops = ops;
+        }
+    }
+}

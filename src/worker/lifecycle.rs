@@ -1,0 +1,174 @@
+//! Control and time: commands from the control thread (behind the wake pipe), stop and drain,
+//! and the tick that drives idle timeouts, deadlines and the accept back-off.
+
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::Instant;
+
+use io_uring::{opcode, types};
+use log::debug;
+
+use crate::flow::{CloseReason, Phase};
+
+use super::token::{Kind, Token};
+use super::{AcceptState, Command, Slot, Worker};
+
+impl Worker {
+    pub(super) fn arm_wake(&mut self) {
+        let entry = opcode::Read::new(
+            types::Fd(self.wake.as_raw_fd()),
+            self.wake_buf.as_mut_ptr(),
+            self.wake_buf.len() as u32,
+        )
+        .build()
+        .user_data(Token::worker(Kind::Wake).encode());
+        self.push(entry);
+    }
+
+    pub(super) fn on_wake(&mut self, res: i32) {
+        while let Ok(command) = self.commands.try_recv() {
+            match command {
+                Command::Snapshot(snapshot, ack) => {
+                    let old = std::mem::replace(&mut self.snapshot, snapshot);
+                    self.retired.push(old);
+                    if let Some(ack) = ack {
+                        let _ = ack.send(());
+                    }
+                }
+                Command::Stop => self.stop(),
+                Command::Drain { deadline } => self.drain(deadline),
+                Command::CloseBackends { names, deadline } => {
+                    self.backend_deadlines.push((names, deadline))
+                }
+            }
+        }
+        if res > 0 && !self.hard_stop {
+            self.arm_wake();
+        } else if res <= 0 && !self.hard_stop {
+            // The control side is gone (EOF) or the read failed: nobody can stop us any more
+            // except a signal to the process, which the control thread handles; stop cleanly.
+            let mut sink = [0u8; 64];
+            let _ = self.wake.read(&mut sink);
+            self.stop();
+        }
+    }
+
+    /// No new flows: cancel the multishot accept; the listener closes when it has ended.
+    fn stop_accepting(&mut self) {
+        self.stopping = true;
+        match self.accept {
+            AcceptState::Armed => self.cancel_accept(),
+            AcceptState::Paused => self.close_listener(),
+            AcceptState::Cancelling | AcceptState::Closed => {}
+        }
+    }
+
+    /// Close every flow now and end the thread when their operations have completed.
+    fn stop(&mut self) {
+        if self.hard_stop {
+            return;
+        }
+        self.hard_stop = true;
+        self.parked.clear();
+        self.stop_accepting();
+        self.close_flows(|_| true, CloseReason::Shutdown);
+    }
+
+    /// Stop accepting and end the thread when the live flows have finished (or at `deadline`).
+    fn drain(&mut self, deadline: Instant) {
+        if self.stopping {
+            return;
+        }
+        self.drain_deadline = Some(deadline);
+        self.stop_accepting();
+    }
+
+    fn close_flows(&mut self, which: impl Fn(&Slot) -> bool, reason: CloseReason) {
+        let chosen: Vec<usize> = self
+            .slots
+            .iter()
+            .filter(|(_, slot)| which(slot))
+            .map(|(i, _)| i)
+            .collect();
+        for index in chosen {
+            let mut ops = std::mem::take(&mut self.ops);
+            if let Some(slot) = self.slots.get_mut(index) {
+                slot.flow.abort(reason, &mut ops);
+            }
+            self.apply(index, &mut ops);
+            self.ops = ops;
+        }
+    }
+
+    /// Closes flows of removed backends whose drain deadline has passed.
+    fn close_drained_backends(&mut self) {
+        let now = Instant::now();
+        let due: Vec<Arc<str>> = self
+            .backend_deadlines
+            .iter()
+            .filter(|(_, deadline)| *deadline <= now)
+            .flat_map(|(names, _)| names.iter().cloned())
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        self.backend_deadlines
+            .retain(|(_, deadline)| *deadline > now);
+        self.close_flows(
+            |slot| {
+                slot.backend_index
+                    .zip(slot.backend_set.as_ref())
+                    .and_then(|(i, set)| set.backends.get(i))
+                    .is_some_and(|b| due.contains(&b.name))
+            },
+            CloseReason::Shutdown,
+        );
+    }
+
+    pub(super) fn arm_tick(&mut self) {
+        let entry = opcode::Timeout::new(&*self.tick_timespec as *const types::Timespec)
+            .build()
+            .user_data(Token::worker(Kind::Tick).encode());
+        self.push(entry);
+    }
+
+    pub(super) fn on_tick(&mut self) {
+        let now = (self.started.elapsed().as_nanos() / self.tick.as_nanos()) as u64;
+        let mut due = std::mem::take(&mut self.due);
+        self.timers.advance(now, &mut due);
+        for (index, generation) in due.drain(..) {
+            let Some(slot) = self.slots.get_mut(index as usize) else {
+                continue;
+            };
+            if slot.generation != generation || slot.flow.phase() == Phase::Closing {
+                continue;
+            }
+            let Some(idle) = self.idle_ticks else {
+                continue;
+            };
+            let deadline = slot.last_active + idle;
+            if deadline <= now {
+                debug!("flow {}: idle timeout", slot.client_addr);
+                let mut ops = std::mem::take(&mut self.ops);
+                slot.flow.abort(CloseReason::IdleTimeout, &mut ops);
+                self.apply(index as usize, &mut ops);
+                self.ops = ops;
+            } else {
+                self.timers.schedule(deadline, (index, generation));
+            }
+        }
+        self.due = due;
+        self.bufring.relax();
+        if self.drain_deadline.is_some_and(|d| Instant::now() >= d) {
+            self.stop();
+        }
+        if !self.backend_deadlines.is_empty() {
+            self.close_drained_backends();
+        }
+        self.resume_accepting();
+        if !self.stopping || !self.slots.is_empty() {
+            self.arm_tick();
+        }
+    }
+}

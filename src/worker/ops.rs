@@ -1,0 +1,230 @@
+//! Carrying out a flow's `Op`s: each becomes a submission; a connect first picks the next
+//! untried backend.
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use io_uring::{opcode, squeue, types};
+
+use crate::flow::{CloseReason, Op, Side};
+use crate::proxy_protocol;
+
+use super::token::{Kind, Token};
+use super::{timespec, Slot, Worker};
+
+impl Worker {
+    /// Carries out a flow's operations; some (a connect with no backend left) feed the flow
+    /// again, so this runs until the list is empty.
+    pub(super) fn apply(&mut self, index: usize, ops: &mut Vec<Op>) {
+        let mut next = 0;
+        while next < ops.len() {
+            let op = ops[next];
+            next += 1;
+            match op {
+                Op::ReturnBuffer(bid) => self.bufring.give_back(bid),
+                Op::Release(ending) => {
+                    self.release(index, ending);
+                    // Nothing may follow a release: the slot is gone.
+                    break;
+                }
+                op => {
+                    let mut more = Vec::new();
+                    self.submit_op(index, op, &mut more);
+                    ops.extend(more);
+                }
+            }
+        }
+        ops.clear();
+    }
+
+    fn submit_op(&mut self, index: usize, op: Op, more: &mut Vec<Op>) {
+        let slot = &mut self.slots[index];
+        let generation = slot.generation;
+        let token = |kind| Token::new(index, generation, kind).encode();
+        let fd = |slot: &Slot, side: Side| match side {
+            Side::Client => Some(slot.client.as_raw_fd()),
+            Side::Backend => slot.backend.as_ref().map(|s| s.as_raw_fd()),
+        };
+        let entry = match op {
+            Op::ReadHeader => {
+                let Some(greeting) = slot.greeting.as_mut() else {
+                    return;
+                };
+                let left = greeting.deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    slot.flow.abort(CloseReason::BadProxyHeader, more);
+                    return;
+                }
+                if greeting.header.capacity() == 0 {
+                    greeting
+                        .header
+                        .reserve_exact(proxy_protocol::V2_MAX_HEADER_LEN);
+                }
+                let filled = greeting.header.len();
+                let room = greeting.header.capacity() - filled;
+                greeting.timeout = timespec(left);
+                // SAFETY (pointer): the recv writes into the spare capacity of `header`, which
+                // is not resized while the read is in flight (only `on_header_bytes` touches it,
+                // after the completion) and lives in the slot until the flow is released, which
+                // waits for this operation's completion.
+                let ptr = greeting.header.as_mut_ptr().wrapping_add(filled);
+                let recv = opcode::Recv::new(types::Fd(slot.client.as_raw_fd()), ptr, room as u32)
+                    .build()
+                    .flags(squeue::Flags::IO_LINK)
+                    .user_data(token(Kind::HeaderRecv));
+                let timeout = opcode::LinkTimeout::new(&greeting.timeout as *const types::Timespec)
+                    .build()
+                    .user_data(token(Kind::LinkTimeout));
+                slot.flow.on_header_submitted();
+                self.push_linked(recv, timeout);
+                return;
+            }
+            Op::SendPreface { offset, len } => {
+                let (Some(greeting), Some(fd)) = (&slot.greeting, fd(slot, Side::Backend)) else {
+                    return;
+                };
+                // The preface is not touched while its send is in flight and lives in the slot.
+                let ptr = greeting.preface.as_ptr().wrapping_add(offset as usize);
+                opcode::Send::new(types::Fd(fd), ptr, len)
+                    .flags(libc::MSG_NOSIGNAL)
+                    .build()
+                    .user_data(token(Kind::Preface))
+            }
+            Op::Connect => {
+                self.connect_next(index, more);
+                return;
+            }
+            Op::Recv(side) => {
+                let Some(fd) = fd(slot, side) else { return };
+                opcode::RecvMulti::new(types::Fd(fd), self.bufring.group())
+                    .build()
+                    .user_data(token(Kind::Recv(side)))
+            }
+            Op::CancelRecv(side) => opcode::AsyncCancel::new(token(Kind::Recv(side)))
+                .build()
+                .user_data(token(Kind::RecvCancel(side))),
+            Op::Send {
+                to,
+                buf,
+                offset,
+                len,
+            } => {
+                let Some(fd) = fd(slot, to) else { return };
+                // SAFETY (pointer arithmetic): offset + len <= buffer size because the flow only
+                // sends bytes the kernel wrote into this buffer.
+                let ptr = self.bufring.buffer(buf).wrapping_add(offset as usize);
+                opcode::Send::new(types::Fd(fd), ptr, len)
+                    .flags(libc::MSG_NOSIGNAL)
+                    .build()
+                    .user_data(token(Kind::Send(to)))
+            }
+            Op::Shutdown(side) => {
+                let Some(fd) = fd(slot, side) else { return };
+                opcode::Shutdown::new(types::Fd(fd), libc::SHUT_WR)
+                    .build()
+                    .user_data(token(Kind::Shutdown(side)))
+            }
+            Op::CancelAll(side) => {
+                let Some(fd) = fd(slot, side) else {
+                    // No socket yet: nothing can be in flight on it.
+                    slot.flow.on_cancel_all_done(more);
+                    return;
+                };
+                opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all())
+                    .build()
+                    .user_data(token(Kind::CancelAll(side)))
+            }
+            Op::WaitForBuffers => {
+                self.bufring.ran_dry();
+                self.stats.buffer_ring_exhausted();
+                self.starved.push_back((index as u32, generation));
+                return;
+            }
+            Op::ReturnBuffer(_) | Op::Release(_) => return,
+        };
+        self.push(entry);
+    }
+
+    /// Picks the next untried healthy backend for the flow and submits a connect to it with a
+    /// linked timeout.
+    fn connect_next(&mut self, index: usize, more: &mut Vec<Op>) {
+        let snapshot = Arc::clone(&self.snapshot);
+        let slot = &mut self.slots[index];
+        slot.backend = None; // a failed attempt's socket: its connect has completed
+        if let Some(load) = slot.backend_load.take() {
+            load.active.fetch_sub(1, Ordering::Relaxed);
+        }
+        // Tried indices refer to the set they were chosen from; a new set starts afresh.
+        if !slot
+            .backend_set
+            .as_ref()
+            .is_some_and(|set| Arc::ptr_eq(set, &snapshot.set))
+        {
+            slot.tried.clear();
+            slot.backend_set = Some(Arc::clone(&snapshot.set));
+        }
+        loop {
+            let tried = &slot.tried;
+            let Some(backend) = snapshot.choose(slot.key_hash, &mut self.pick, |i| {
+                !tried.contains(&(i as u32))
+            }) else {
+                // Nothing left to try: after failed attempts that is a connect failure.
+                let reason = if slot.tried.is_empty() {
+                    CloseReason::NoBackend
+                } else {
+                    CloseReason::ConnectFailed
+                };
+                slot.flow.abort(reason, more);
+                return;
+            };
+            slot.tried.push(backend as u32);
+            let target = &snapshot.backends()[backend];
+            let socket = match self
+                .settings
+                .edge
+                .backend_socket(&target.addr, &mut self.source_turn)
+            {
+                Ok(socket) => socket,
+                Err(e) => {
+                    let client = slot.client_addr;
+                    self.socket_errors.warn(|suppressed| {
+                        format!(
+                            "flow {client}: cannot open a socket to {}: {e} ({suppressed} more \
+                             since last report)",
+                            target.name
+                        )
+                    });
+                    if slot.tried.len() as u32 > self.settings.retries {
+                        slot.flow.abort(CloseReason::ConnectFailed, more);
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let token = |kind| Token::new(index, slot.generation, kind).encode();
+            let connect = opcode::Connect::new(
+                types::Fd(socket.as_raw_fd()),
+                target.sockaddr.as_ptr() as *const libc::sockaddr,
+                target.sockaddr.len(),
+            )
+            .build()
+            .flags(squeue::Flags::IO_LINK)
+            .user_data(token(Kind::Connect));
+            let timeout =
+                opcode::LinkTimeout::new(&*self.connect_timespec as *const types::Timespec)
+                    .build()
+                    .user_data(token(Kind::LinkTimeout));
+            slot.backend = Some(socket);
+            slot.backend_index = Some(backend);
+            target.load.active.fetch_add(1, Ordering::Relaxed);
+            slot.backend_load = Some(Arc::clone(&target.load));
+            slot.flow.on_connect_submitted();
+            slot.connect_started = Some(Instant::now());
+            // The two must be adjacent in the submission queue for the link to hold.
+            self.push_linked(connect, timeout);
+            return;
+        }
+    }
+}

@@ -1,0 +1,60 @@
+//! Submission: pushing entries into the submission queue (submitting early when it is full)
+//! and reaping completions.
+
+use io_uring::squeue;
+use log::warn;
+
+use super::Worker;
+
+impl Worker {
+    pub(super) fn push(&mut self, entry: squeue::Entry) {
+        loop {
+            // SAFETY: every pointer in an entry built by this worker (buffers from the buffer
+            // ring, the wake buffer, timespecs, backend socket addresses held by a live snapshot
+            // in `snapshot` or `retired`) stays valid until the kernel has consumed the entry
+            // and, for buffers, until the operation's completion has been handled.
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                return;
+            }
+            self.submit_pending();
+        }
+    }
+
+    pub(super) fn push_linked(&mut self, first: squeue::Entry, second: squeue::Entry) {
+        loop {
+            let mut sq = self.ring.submission();
+            if sq.capacity() - sq.len() >= 2 {
+                // SAFETY: as in `push`; the connect's address is the backend's SockAddr in the
+                // current snapshot, kept alive (in `retired` if replaced) until after submit.
+                unsafe {
+                    let _ = sq.push(&first);
+                    let _ = sq.push(&second);
+                }
+                return;
+            }
+            drop(sq);
+            self.submit_pending();
+        }
+    }
+
+    /// The submission queue is full: hand it to the kernel now.
+    fn submit_pending(&mut self) {
+        match self.ring.submit() {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                // Completion queue overflow: make room by reaping (handled in this same loop
+                // turn), then the caller retries its push.
+                self.reap();
+            }
+            Err(e) => warn!("worker {}: submit failed: {e}", self.id),
+        }
+    }
+
+    /// Moves every posted completion into `completions`.
+    pub(super) fn reap(&mut self) {
+        for cqe in self.ring.completion() {
+            self.completions
+                .push((cqe.user_data(), cqe.result(), cqe.flags()));
+        }
+    }
+}
