@@ -9,16 +9,16 @@
 mod common;
 
 use std::collections::HashMap;
-use std::fs::{self, File};
+use std::fs;
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use common::dnsmasq::Dnsmasq;
 use common::*;
 
 /// How long a reload, a DNS change or a log line may take to show.
@@ -971,131 +971,6 @@ fn drain_timeout_closes_flows_of_a_removed_backend_only() {
 // DNS discovery
 // ---------------------------------------------------------------------------------------------
 
-/// A child process, killed (SIGKILL, by its PID) and reaped when dropped.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A dnsmasq process answering on 127.0.0.1:`addr.port()` from `dir/hosts`.
-struct Dnsmasq {
-    process: KillOnDrop,
-    addr: SocketAddr,
-    dir: TempDir,
-}
-
-impl Dnsmasq {
-    /// Starts dnsmasq serving `hosts` (hosts-file syntax) and returns once it answers. Names
-    /// under `.test` that it does not know get NXDOMAIN.
-    fn start(hosts: &str) -> Dnsmasq {
-        let binary = dnsmasq_binary();
-        let dir = TempDir::new("dnsmasq");
-        let hosts_path = dir.path().join("hosts");
-        let log_path = dir.path().join("dnsmasq.log");
-        write_atomically(&hosts_path, hosts);
-        // The free port is found by binding and releasing it, so another process may take it
-        // before dnsmasq does; then dnsmasq exits and we try another.
-        for _ in 0..5 {
-            let port = free_udp_port();
-            let addr = SocketAddr::from(([127, 0, 0, 1], port));
-            let log = File::create(&log_path).expect("create the dnsmasq log");
-            let child = Command::new(&binary)
-                .args([
-                    "--no-daemon",
-                    "--conf-file=/dev/null",
-                    &format!("--port={port}"),
-                    "--listen-address=127.0.0.1",
-                    "--bind-interfaces",
-                    "--no-resolv",
-                    "--no-hosts",
-                    &format!("--addn-hosts={}", hosts_path.display()),
-                    "--local=/test/",
-                    "--host-record=ready.test,127.0.0.1",
-                ])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::from(log))
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
-            let mut process = KillOnDrop(child);
-            if dnsmasq_ready(&mut process.0, addr, &log_path) {
-                return Dnsmasq { process, addr, dir };
-            }
-            let log = fs::read_to_string(&log_path).unwrap_or_default();
-            assert!(
-                log.contains("Address already in use"),
-                "dnsmasq did not start:\n{log}"
-            );
-        }
-        panic!("dnsmasq found no free port in 5 tries");
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(self.dir.path().join("dnsmasq.log")).unwrap_or_default()
-    }
-
-    /// Replaces the hosts file and tells dnsmasq to re-read it (SIGHUP also drops its cache).
-    fn set_hosts(&self, hosts: &str) {
-        write_atomically(&self.dir.path().join("hosts"), hosts);
-        let status = Command::new("kill")
-            .args(["-HUP", &self.process.0.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -HUP dnsmasq failed");
-    }
-}
-
-/// `true` once dnsmasq answers; `false` if it exited (e.g. its port was taken).
-fn dnsmasq_ready(child: &mut Child, addr: SocketAddr, log_path: &Path) -> bool {
-    let started = Instant::now();
-    loop {
-        if let Ok(Some(_status)) = child.try_wait() {
-            return false;
-        }
-        let answer =
-            ringway::discovery::dns::resolve("ready.test", addr, Duration::from_millis(500));
-        if answer.is_ok() {
-            return true;
-        }
-        assert!(
-            started.elapsed() < CHANGE_TIMEOUT,
-            "dnsmasq did not answer within {CHANGE_TIMEOUT:?}:\n{}",
-            fs::read_to_string(log_path).unwrap_or_default()
-        );
-        thread::sleep(Duration::from_millis(20)); // pacing of the retry, not a wait
-    }
-}
-
-/// The dnsmasq binary; panics (failing the test) with the fix when it is not installed.
-fn dnsmasq_binary() -> PathBuf {
-    for candidate in ["dnsmasq", "/usr/sbin/dnsmasq", "/sbin/dnsmasq"] {
-        let works = Command::new(candidate)
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if works {
-            return PathBuf::from(candidate);
-        }
-    }
-    panic!(
-        "dnsmasq is not installed; this test needs it as a test DNS server. \
-         Install it with: apt-get install dnsmasq-base (the binary only, no system service)"
-    );
-}
-
-fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .expect("bind a UDP port")
-        .port()
-}
-
 /// A backend on a given address that greets with its name and then echoes (the harness's
 /// backends always take a port of their own; DNS discovery needs one port on two addresses).
 struct FixedHello {
@@ -1171,7 +1046,7 @@ fn dns_backends_follow_the_name() {
     let (two, three, port) = listener_pair();
     let _two = FixedHello::serve(two, "two");
     let _three = FixedHello::serve(three, "three");
-    let dns = Dnsmasq::start("127.0.0.2 svc.test\n");
+    let dns = Dnsmasq::start("127.0.0.2 svc.test\n", &[]);
     let proxy = Proxy::start(&[
         "--listen",
         "127.0.0.1:0",

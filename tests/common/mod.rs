@@ -8,11 +8,15 @@
 //! deadline.
 #![allow(dead_code)] // each test file uses a different part of the harness
 
+pub mod dnsmasq;
+
 use std::ffi::OsStr;
+use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::{self, JoinHandle};
@@ -154,6 +158,46 @@ pub fn send_signal(child: &Child, signal: libc::c_int) {
         "kill({pid}, {signal}) failed: {}",
         io::Error::last_os_error()
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Files
+// ---------------------------------------------------------------------------------------------
+
+/// A fresh directory under the system temp dir, removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// `what` goes into the directory's name, to tell what left it behind.
+    pub fn new(what: &str) -> TempDir {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "ringway-test-{what}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir_all(&path).expect("create a temp dir");
+        TempDir(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Writes a new file and renames it over `path`, as editors and config tools do, so a reader
+/// never sees a half-written file.
+pub fn write_atomically(path: &Path, text: &str) {
+    let temporary = path.with_extension("new");
+    fs::write(&temporary, text).expect("write the new file");
+    fs::rename(&temporary, path).expect("rename the new file into place");
 }
 
 // ---------------------------------------------------------------------------------------------
