@@ -1033,6 +1033,143 @@ mod tests {
         }
     }
 
+    /// Deterministic pseudo-random numbers (xorshift64), so failures reproduce.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+
+        fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+            items[self.below(items.len())]
+        }
+    }
+
+    /// Every long flag, from argh's own `--help` text, so that new flags are generated too.
+    fn flag_names() -> Vec<String> {
+        let help = Flags::from_args(&["ringway"], &["--help"]).unwrap_err();
+        let names: Vec<String> = help
+            .output
+            .lines()
+            .filter_map(|line| line.split_whitespace().next())
+            .filter(|word| word.starts_with("--"))
+            .map(|word| word.trim_end_matches(',').to_string())
+            .collect();
+        assert!(names.len() > 30, "flags from --help: {names:?}");
+        names
+    }
+
+    /// What the fuzz target fuzz/fuzz_targets/flags.rs checks: no panic; an argh failure is
+    /// argh's own message; a `from_flags` error is one line led by the flag it names.
+    fn check_invariants(args: &[&str]) -> bool {
+        let Ok(flags) = Flags::from_args(&["ringway"], args) else {
+            return false;
+        };
+        match Config::from_flags(&flags) {
+            Ok(_) => true,
+            Err(error) => {
+                let message = error.to_string();
+                assert!(
+                    error.flag.starts_with("--") && message.starts_with(error.flag),
+                    "{args:?} gave an error not led by its flag: {message:?}"
+                );
+                assert!(!message.contains('\n'), "{args:?} gave {message:?}");
+                false
+            }
+        }
+    }
+
+    #[test]
+    fn flag_errors_hold_for_generated_command_lines() {
+        const VALUES: &[&str] = &[
+            "0",
+            "1",
+            "2",
+            "-1",
+            "65535",
+            "65536",
+            "4294967296",
+            "18446744073709551616",
+            "0s",
+            "500ms",
+            "3s",
+            "10m",
+            "1h",
+            "99999999999h",
+            "1.5s",
+            "127.0.0.1:0",
+            "[::]:80",
+            "10.0.0.1:80",
+            "10.0.0.1:80,weight=0",
+            "10.0.0.2:80,backup",
+            "10.0.0.3:80,check-port=81",
+            "10.0.0.1",
+            "svc.test:80",
+            "127.0.0.1:53",
+            "10.0.0.0/8",
+            "::/0",
+            "1.2.3.4/33",
+            "src-ip",
+            "src-ip-port",
+            "ring",
+            "maglev",
+            "hash",
+            "round-robin",
+            "least-conn",
+            "random-two",
+            "v1",
+            "v2",
+            "-",
+            "",
+            " ",
+            "é",
+            "--",
+            "PING",
+        ];
+        let names = flag_names();
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        let mut configs = 0;
+        for _ in 0..4000 {
+            let mut args: Vec<String> = Vec::new();
+            // Most command lines start valid, so that validation goes past the first flags.
+            if rng.below(4) != 0 {
+                args.extend(
+                    ["--listen", "127.0.0.1:0", "--backend", "10.0.0.1:80"].map(String::from),
+                );
+            }
+            while args.len() < 40 && rng.below(6) != 0 {
+                match rng.below(8) {
+                    0 => args.push(rng.pick(VALUES).to_string()),
+                    1 => args.push(
+                        (0..rng.below(6))
+                            .map(|_| char::from(32 + rng.below(95) as u8))
+                            .collect(),
+                    ),
+                    _ => {
+                        args.push(names[rng.below(names.len())].clone());
+                        args.push(rng.pick(VALUES).to_string());
+                    }
+                }
+            }
+            args.truncate(40);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            configs += usize::from(check_invariants(&args));
+        }
+        // The generator must reach both sides for the test to mean something.
+        assert!(
+            (200..3800).contains(&configs),
+            "{configs} of 4000 were configs"
+        );
+    }
+
     #[test]
     fn idle_timeout_zero_disables() {
         let f = Flags {

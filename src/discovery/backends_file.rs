@@ -274,6 +274,119 @@ mod tests {
         assert!(parse_backends_file("10.0.0.1:80,weight=0\n10.0.0.2:80\n").is_ok());
     }
 
+    /// Deterministic pseudo-random numbers (xorshift64), so failures reproduce.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+
+        fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+            items[self.below(items.len())]
+        }
+    }
+
+    /// What the fuzz target fuzz/fuzz_targets/backends_file.rs checks: no panic; an `Ok` list is
+    /// non-empty, has unique names and not every weight 0; an error is one line.
+    fn check_invariants(text: &str) -> bool {
+        match parse_backends_file(text) {
+            Ok(backends) => {
+                assert!(!backends.is_empty(), "Ok with no backends for {text:?}");
+                let mut seen = std::collections::HashSet::new();
+                for b in &backends {
+                    assert!(seen.insert(b.name.as_str()), "{} twice in {text:?}", b.name);
+                }
+                assert!(
+                    backends.iter().any(|b| b.weight > 0),
+                    "all weight 0: {text:?}"
+                );
+                true
+            }
+            Err(error) => {
+                assert!(!error.contains('\n'), "not one line: {error:?}");
+                false
+            }
+        }
+    }
+
+    #[test]
+    fn parse_backends_file_invariants_hold_for_generated_text() {
+        // Lines mostly built from pieces of the syntax (so that many files parse, and hit the
+        // duplicate and weight rules), some with random characters or pieces in random order.
+        // Odd hosts and ports, among many good ones drawn from a small space (so that some
+        // names repeat).
+        const BAD_HOSTS: &[&str] = &["::1", "", "[", "a b", "[fd00::1", "10.0.0.256"];
+        const BAD_PORTS: &[&str] = &[":0", ":65536", ":8x", ":", ""];
+        const OPTIONS: &[&str] = &[
+            ",weight=0",
+            ",weight=0",
+            ",weight=2",
+            ",backup",
+            ",backup",
+            ",check-port=9",
+            " , backup ",
+            ",weight=4294967296",
+            ",weight=",
+            ",check-port=0",
+            ",",
+            ",color=red",
+        ];
+        const NOISE: &[&str] = &[
+            "#", " ", "\t", "\r", "\r\n", "\u{feff}", "\u{85}", "é", "[", "]", ":", "\0",
+        ];
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut parsed = 0;
+        for _ in 0..4000 {
+            let mut text = String::new();
+            if rng.below(4) == 0 {
+                text.push('\u{feff}');
+            }
+            for _ in 0..rng.below(6) {
+                match rng.below(20) {
+                    0 => {
+                        for _ in 0..rng.below(12) {
+                            match rng.below(3) {
+                                0 => text.push(char::from(rng.below(128) as u8)),
+                                1 => text.push_str(rng.pick(NOISE)),
+                                _ => text.push_str(rng.pick(OPTIONS)),
+                            }
+                        }
+                    }
+                    1 => text.push_str("# a comment"),
+                    _ => {
+                        match rng.below(12) {
+                            0 => text.push_str(rng.pick(BAD_HOSTS)),
+                            1..=4 => text.push_str(&format!("[fd00::{:x}]", rng.below(16))),
+                            _ => text.push_str(&format!("10.0.0.{}", rng.below(16))),
+                        }
+                        match rng.below(12) {
+                            0 => text.push_str(rng.pick(BAD_PORTS)),
+                            _ => text.push_str(&format!(":{}", 80 + rng.below(4))),
+                        }
+                        for _ in 0..rng.below(4).saturating_sub(1) {
+                            text.push_str(rng.pick(OPTIONS));
+                        }
+                        if rng.below(10) == 0 {
+                            text.push_str(rng.pick(NOISE));
+                        }
+                    }
+                }
+                text.push('\n');
+            }
+            parsed += usize::from(check_invariants(&text));
+        }
+        // The generator must reach both sides for the test to mean something.
+        assert!((400..3600).contains(&parsed), "{parsed} of 4000 parsed");
+    }
+
     /// A fresh directory under the system temp dir, removed on drop.
     struct TempDir(PathBuf);
 
