@@ -451,8 +451,10 @@ pub struct FlagError {
 }
 
 impl fmt::Display for FlagError {
+    /// Always one line: a value quoted in the message may itself hold line breaks.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.flag, self.message)
+        let message = self.message.replace('\n', "\\n").replace('\r', "\\r");
+        write!(f, "{}: {message}", self.flag)
     }
 }
 
