@@ -7,8 +7,12 @@
 //! it from a LIFO stack keeps the same few hot buffers cycling through the cache: with light
 //! traffic a worker touches a few hundred KiB, not its whole pool, and its resident memory stays
 //! small until load really needs more.
+//!
+//! After a burst the bottom of the free stack holds buffers nobody has used for a while; `trim`
+//! (on the worker's tick) hands their pages back to the kernel with MADV_DONTNEED, so resident
+//! memory returns to what the steady load needs instead of staying at the burst's high-water mark.
 
-use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::alloc::{alloc, alloc_zeroed, dealloc, Layout};
 use std::io;
 use std::sync::atomic::{AtomicU16, Ordering};
 
@@ -36,7 +40,15 @@ pub struct BufRing {
     lent: u32,
     /// Extra ring depth after the ring ran dry; halves on every tick without a shortage.
     boost: u32,
+    /// `dirty[bid]`: the buffer has been written since its pages were last given back.
+    dirty: Vec<bool>,
 }
+
+/// Free buffers kept resident beyond the ring's target, for the next burst.
+const WARM_SPARE: usize = 64;
+/// Buffers trimmed per tick at most, so one tick never makes thousands of system calls.
+const TRIM_PER_TICK: usize = 64;
+const PAGE: usize = 4096;
 
 /// Buffers kept in the ring beyond twice those lent out.
 const BASE_DEPTH: u32 = 64;
@@ -50,17 +62,18 @@ impl BufRing {
             4096,
         )
         .map_err(io::Error::other)?;
-        // Alignment 16 lets the allocator use calloc, whose large blocks are fresh zero pages
-        // from mmap: untouched buffers cost no resident memory.
+        // Page-aligned so whole pages of a buffer can be given back (`trim`). Not zeroed: the
+        // kernel writes every byte we read, and a large block comes from mmap as untouched
+        // pages, so unused buffers cost no resident memory.
         let memory_layout =
-            Layout::from_size_align(usize::from(entries) * buffer_size as usize, 16)
+            Layout::from_size_align(usize::from(entries) * buffer_size as usize, PAGE)
                 .map_err(io::Error::other)?;
         // SAFETY: both layouts have a non-zero size (entries >= 16 and buffer_size >= 512 are
         // enforced by the config); the pointers are freed in Drop with the same layouts.
         let (ring_ptr, memory) = unsafe {
             (
                 alloc_zeroed(ring_layout) as *mut BufRingEntry,
-                alloc_zeroed(memory_layout),
+                alloc(memory_layout),
             )
         };
         if ring_ptr.is_null() || memory.is_null() {
@@ -82,6 +95,7 @@ impl BufRing {
             in_ring: 0,
             lent: 0,
             boost: 0,
+            dirty: vec![false; usize::from(entries)],
         };
         // SAFETY: `ring_ptr` points to `entries` zeroed, page-aligned entries that stay allocated
         // until this BufRing is dropped, which happens only after the ring is unregistered
@@ -118,6 +132,9 @@ impl BufRing {
     /// Buffer `bid` is free again (its bytes were sent or dropped).
     pub fn give_back(&mut self, bid: BufId) {
         debug_assert!(bid < self.entries);
+        if let Some(dirty) = self.dirty.get_mut(usize::from(bid)) {
+            *dirty = true;
+        }
         self.free.push(bid);
         self.lent = self.lent.saturating_sub(1);
     }
@@ -132,6 +149,41 @@ impl BufRing {
     /// Called on every tick: a shortage long past no longer needs the extra depth.
     pub fn relax(&mut self) {
         self.boost /= 2;
+    }
+
+    /// Gives the pages of cold free buffers back to the kernel: those at the bottom of the free
+    /// stack, below what the ring's target and a warm spare need. Called on the worker's tick.
+    pub fn trim(&mut self) {
+        let target = (BASE_DEPTH + 2 * self.lent + self.boost) as usize;
+        let cold = self.free.len().saturating_sub(target + WARM_SPARE);
+        let mut trimmed = 0;
+        for &bid in &self.free[..cold] {
+            if trimmed == TRIM_PER_TICK {
+                break;
+            }
+            let dirty = &mut self.dirty[usize::from(bid)];
+            if !*dirty {
+                continue;
+            }
+            *dirty = false;
+            trimmed += 1;
+            let start = self.buffer(bid) as usize;
+            let first_page = start.next_multiple_of(PAGE);
+            let end = (start + self.buffer_size as usize) / PAGE * PAGE;
+            if end > first_page {
+                // SAFETY: [first_page, end) lies inside buffer `bid`, which is in the free stack:
+                // not in the ring (the kernel cannot write it) and not lent (no send reads it).
+                // MADV_DONTNEED only drops its contents, which nobody needs; the next write by
+                // the kernel gets fresh zero pages.
+                unsafe {
+                    libc::madvise(
+                        first_page as *mut libc::c_void,
+                        end - first_page,
+                        libc::MADV_DONTNEED,
+                    );
+                }
+            }
+        }
     }
 
     /// Tops the ring up from the free stack and makes the new entries visible to the kernel.

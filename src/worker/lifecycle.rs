@@ -160,6 +160,7 @@ impl Worker {
         }
         self.due = due;
         self.bufring.relax();
+        self.bufring.trim();
         if self.drain_deadline.is_some_and(|d| Instant::now() >= d) {
             self.stop();
         }
