@@ -48,16 +48,14 @@ pub fn local_addr(socket: &Socket) -> io::Result<SocketAddr> {
         .ok_or_else(|| io::Error::other("listener has no IP address"))
 }
 
-/// A non-blocking TCP socket for connecting to `addr`, with TCP_NODELAY: a proxy must not add
-/// Nagle delays to small writes its clients already chose to send.
+/// A non-blocking TCP socket for connecting to `addr` (options are the caller's: see
+/// `worker::Edge::backend_socket`).
 pub fn backend_socket(addr: &SocketAddr) -> io::Result<Socket> {
-    let socket = Socket::new(
+    Socket::new(
         Domain::for_address(*addr),
         Type::STREAM.nonblocking().cloexec(),
         Some(Protocol::TCP),
-    )?;
-    socket.set_tcp_nodelay(true)?;
-    Ok(socket)
+    )
 }
 
 /// Resolves a backend's host once, at start-up; the first address wins.

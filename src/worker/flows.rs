@@ -2,7 +2,7 @@
 //! machine, the client's PROXY header, flows waiting for buffers, and releasing the slot.
 
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{IntoRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -189,7 +189,7 @@ impl Worker {
             }
             Kind::Shutdown(side) => slot.flow.on_shutdown(side, res, &mut ops),
             Kind::CancelAll(_) => slot.flow.on_cancel_all_done(&mut ops),
-            Kind::Accept | Kind::AcceptCancel | Kind::Wake | Kind::Tick => {}
+            Kind::Accept | Kind::AcceptCancel | Kind::Wake | Kind::Tick | Kind::Close => {}
         }
         self.apply(index, &mut ops);
         self.ops = ops;
@@ -266,7 +266,13 @@ impl Worker {
                 )
             });
         }
-        drop(slot); // closes both sockets
+        // Both sockets close through the ring: no system call of their own, and nothing can
+        // still refer to them (a flow is released only when none of its operations is in
+        // flight).
+        self.close_async(slot.client.into_raw_fd());
+        if let Some(backend) = slot.backend {
+            self.close_async(backend.into_raw_fd());
+        }
         self.active_flows.fetch_sub(1, Ordering::Relaxed);
         self.resume_accepting();
     }

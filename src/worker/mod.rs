@@ -338,7 +338,7 @@ impl Worker {
         };
         match token.kind {
             Kind::Accept => self.on_accept(res, cqueue::more(flags)),
-            Kind::AcceptCancel => {}
+            Kind::AcceptCancel | Kind::Close => {}
             Kind::Wake => self.on_wake(res),
             Kind::Tick => self.on_tick(),
             _ => self.on_flow_completion(token, res, flags),

@@ -1,9 +1,12 @@
 //! Submission: pushing entries into the submission queue (submitting early when it is full)
 //! and reaping completions.
 
-use io_uring::squeue;
+use std::os::fd::RawFd;
+
+use io_uring::{opcode, squeue, types};
 use log::warn;
 
+use super::token::{Kind, Token};
 use super::Worker;
 
 impl Worker {
@@ -56,5 +59,15 @@ impl Worker {
             self.completions
                 .push((cqe.user_data(), cqe.result(), cqe.flags()));
         }
+    }
+
+    /// Closes a descriptor this worker owns through the ring. Its completion is skipped on
+    /// success; a failure (nothing useful to do about it) is routed to `Kind::Close` and ignored.
+    pub(super) fn close_async(&mut self, fd: RawFd) {
+        let entry = opcode::Close::new(types::Fd(fd))
+            .build()
+            .flags(squeue::Flags::SKIP_SUCCESS)
+            .user_data(Token::worker(Kind::Close).encode());
+        self.push(entry);
     }
 }

@@ -27,6 +27,8 @@ pub enum Kind {
     HeaderRecv,
     /// Send of the preface (PROXY header, early client bytes) to the backend.
     Preface,
+    /// Close of a released flow's socket (not tied to a flow; only failures complete).
+    Close,
 }
 
 impl Kind {
@@ -50,6 +52,7 @@ impl Kind {
             Kind::CancelAll(Side::Backend) => 16,
             Kind::HeaderRecv => 17,
             Kind::Preface => 18,
+            Kind::Close => 19,
         }
     }
 
@@ -73,6 +76,7 @@ impl Kind {
             16 => Kind::CancelAll(Side::Backend),
             17 => Kind::HeaderRecv,
             18 => Kind::Preface,
+            19 => Kind::Close,
             _ => return None,
         })
     }
@@ -124,7 +128,7 @@ mod tests {
 
     #[test]
     fn round_trips_every_kind() {
-        for code in 1..=18u8 {
+        for code in 1..=19u8 {
             let kind = Kind::from_code(code).unwrap();
             assert_eq!(kind.code(), code);
             let token = Token::new(123_456, 0xabcdef, kind);
