@@ -666,6 +666,44 @@ fn access_log_records_a_flow_no_backend_took() {
     );
 }
 
+#[test]
+fn access_log_records_clients_refused_at_accept() {
+    let dir = TempDir::new("access-log-denied");
+    let path = dir.path().join("access.log");
+    let backend = Backend::start(Kind::Echo);
+    let proxy = Proxy::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--backend",
+        &backend.arg(),
+        "--deny",
+        "127.0.0.5/32",
+        "--access-log",
+        path.to_str().unwrap(),
+    ]);
+    let denied: IpAddr = Ipv4Addr::new(127, 0, 0, 5).into();
+    let mut s = connect_from(denied, proxy.addr).unwrap();
+    let client = s.local_addr().unwrap();
+    expect_closed(&mut s, CLOSE_TIMEOUT)
+        .unwrap_or_else(|e| panic!("denied client: {e}\n{}", proxy.stderr_tail()));
+
+    let lines = wait_for_file_lines(&path, 1, &proxy);
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    let line = &lines[0];
+    assert_eq!(
+        json_field(line, "client"),
+        Some(client.to_string().as_str()),
+        "{line}"
+    );
+    assert_eq!(json_field(line, "reason"), Some("refused_acl"), "{line}");
+    assert_eq!(json_field(line, "backend"), Some("null"), "{line}");
+    assert_eq!(
+        json_field(line, "bytes_client_to_backend"),
+        Some("0"),
+        "{line}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // The backends file
 // ---------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ impl Worker {
         let mut greeting = None;
         if edge.trusted.is_some() {
             if !edge.trusts(client_addr.ip()) {
-                self.stats.flow_refused(CloseKind::RefusedProxyHeader);
+                self.refused(client_addr, CloseKind::RefusedProxyHeader);
                 return;
             }
         } else {
@@ -43,7 +43,7 @@ impl Worker {
                 Ok(t) => ticket = t,
                 Err(reason) => {
                     debug!("flow {client_addr}: refused ({reason:?})");
-                    self.stats.flow_refused(CloseKind::from(reason));
+                    self.refused(client_addr, CloseKind::from(reason));
                     return;
                 }
             }
@@ -193,6 +193,25 @@ impl Worker {
         }
         self.apply(index, &mut ops);
         self.ops = ops;
+    }
+
+    /// A connection closed at accept, before it became a flow: counted, and logged like a flow
+    /// so the access log shows who was turned away and why.
+    fn refused(&mut self, client: std::net::SocketAddr, kind: CloseKind) {
+        self.stats.flow_refused(kind);
+        if let Some(log) = &self.access_log {
+            log.log(FlowRecord {
+                start: std::time::SystemTime::now(),
+                client,
+                listener: self.listen_addr,
+                backend: None,
+                bytes_client_to_backend: 0,
+                bytes_backend_to_client: 0,
+                duration: Duration::ZERO,
+                connect: None,
+                reason: kind,
+            });
+        }
     }
 
     pub(super) fn release(&mut self, index: usize, ending: Ending) {
