@@ -74,33 +74,6 @@ fn has_exited(proxy: &Proxy) -> bool {
     }
 }
 
-/// Waits until the proxy catches SIGHUP, SIGINT and SIGTERM (its handlers are installed), read
-/// from `SigCgt` in /proc. The `listening on` line comes before that (see
-/// `signals_right_after_the_listening_line_are_handled`); the tests of what a signal does wait
-/// for this so that they test that and not the start-up window.
-fn wait_signal_handlers(proxy: &Proxy) {
-    let wanted: u64 = [libc::SIGHUP, libc::SIGINT, libc::SIGTERM]
-        .iter()
-        .map(|s| 1u64 << (s - 1))
-        .sum();
-    let caught = || -> u64 {
-        let status =
-            fs::read_to_string(format!("/proc/{}/status", proxy.pid())).unwrap_or_default();
-        // Caught by a handler, or blocked for a signalfd or sigwait.
-        ["SigCgt:", "SigBlk:"]
-            .iter()
-            .filter_map(|field| status.lines().find_map(|l| l.strip_prefix(field)))
-            .filter_map(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-            .fold(0, |mask, m| mask | m)
-    };
-    assert!(
-        wait_until(CHANGE_TIMEOUT, || caught() & wanted == wanted),
-        "the proxy does not catch SIGHUP/SIGINT/SIGTERM {CHANGE_TIMEOUT:?} after start (SigCgt {:x})\n{}",
-        caught(),
-        proxy.stderr_tail()
-    );
-}
-
 /// The admin address from the proxy's `admin endpoint on http://ADDR/metrics` line.
 fn admin_addr(proxy: &Proxy) -> SocketAddr {
     let text = proxy.stderr();

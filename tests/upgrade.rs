@@ -219,30 +219,6 @@ impl Drop for NetNs {
     }
 }
 
-/// Waits until the proxy catches SIGTERM (its handler is installed), from `SigCgt` in /proc.
-fn wait_signal_handlers(proxy: &Proxy) {
-    let wanted: u64 = [libc::SIGHUP, libc::SIGINT, libc::SIGTERM]
-        .iter()
-        .map(|s| 1u64 << (s - 1))
-        .sum();
-    let caught = || -> u64 {
-        let status =
-            fs::read_to_string(format!("/proc/{}/status", proxy.pid())).unwrap_or_default();
-        // Caught by a handler, or blocked for a signalfd or sigwait.
-        ["SigCgt:", "SigBlk:"]
-            .iter()
-            .filter_map(|field| status.lines().find_map(|l| l.strip_prefix(field)))
-            .filter_map(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-            .fold(0, |mask, m| mask | m)
-    };
-    assert!(
-        wait_until(Duration::from_secs(10), || caught() & wanted == wanted),
-        "the proxy does not catch SIGTERM (SigCgt {:x})\n{}",
-        caught(),
-        proxy.stderr_tail()
-    );
-}
-
 #[test]
 fn upgrade_by_a_second_process_on_the_same_port_loses_no_flow() {
     let netns = NetNs::create();

@@ -715,6 +715,32 @@ pub fn dead_addr() -> SocketAddr {
     }
 }
 
+/// Waits until the proxy catches SIGHUP, SIGINT and SIGTERM (its handlers are installed), read
+/// from `SigCgt`/`SigBlk` in /proc, so a test of what a signal does is not a test of the
+/// start-up window.
+pub fn wait_signal_handlers(proxy: &Proxy) {
+    let wanted: u64 = [libc::SIGHUP, libc::SIGINT, libc::SIGTERM]
+        .iter()
+        .map(|s| 1u64 << (s - 1))
+        .sum();
+    let caught = || -> u64 {
+        let status =
+            fs::read_to_string(format!("/proc/{}/status", proxy.pid())).unwrap_or_default();
+        // Caught by a handler, or blocked for a signalfd or sigwait.
+        ["SigCgt:", "SigBlk:"]
+            .iter()
+            .filter_map(|field| status.lines().find_map(|l| l.strip_prefix(field)))
+            .filter_map(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+            .fold(0, |mask, m| mask | m)
+    };
+    assert!(
+        wait_until(CLOSE_TIMEOUT, || caught() & wanted == wanted),
+        "the proxy does not catch SIGHUP/SIGINT/SIGTERM {CLOSE_TIMEOUT:?} after start (SigCgt {:x})\n{}",
+        caught(),
+        proxy.stderr_tail()
+    );
+}
+
 /// Polls `cond` until it holds or `timeout` passes; returns whether it held.
 pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
