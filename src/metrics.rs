@@ -207,6 +207,7 @@ pub struct WorkerStats {
     connect_failures: AtomicU64,
     accept_errors: AtomicU64,
     buffer_ring_exhausted: AtomicU64,
+    buffers_reclaimed: AtomicU64,
     /// Non-cumulative: slot i counts observations in (bound i-1, bound i]; the last slot counts
     /// those above the largest bound. The count is their sum, so `+Inf == _count` always holds.
     connect_buckets: [AtomicU64; CONNECT_SLOTS],
@@ -227,6 +228,7 @@ impl WorkerStats {
             connect_failures: load(&self.connect_failures),
             accept_errors: load(&self.accept_errors),
             buffer_ring_exhausted: load(&self.buffer_ring_exhausted),
+            buffers_reclaimed: load(&self.buffers_reclaimed),
             connect_buckets: self.connect_buckets.each_ref().map(load),
             connect_sum_micros: load(&self.connect_sum_micros),
         }
@@ -320,6 +322,11 @@ impl WorkerStatsWriter {
     pub fn buffer_ring_exhausted(&self) {
         bump(&self.stats.buffer_ring_exhausted, 1);
     }
+
+    /// The pool was tight and a stalled flow was asked to give its ring buffers back.
+    pub fn buffers_reclaimed(&self) {
+        bump(&self.stats.buffers_reclaimed, 1);
+    }
 }
 
 /// Plain copy of one worker's counters (or of several, summed with [`WorkerCounts::add`]).
@@ -334,6 +341,7 @@ pub struct WorkerCounts {
     pub connect_failures: u64,
     pub accept_errors: u64,
     pub buffer_ring_exhausted: u64,
+    pub buffers_reclaimed: u64,
     /// Non-cumulative bucket counts, the last being above 5 s.
     pub connect_buckets: [u64; CONNECT_SLOTS],
     pub connect_sum_micros: u64,
@@ -361,6 +369,7 @@ impl WorkerCounts {
         self.buffer_ring_exhausted = self
             .buffer_ring_exhausted
             .wrapping_add(other.buffer_ring_exhausted);
+        self.buffers_reclaimed = self.buffers_reclaimed.wrapping_add(other.buffers_reclaimed);
         sum(&mut self.connect_buckets, &other.connect_buckets);
         self.connect_sum_micros = self
             .connect_sum_micros
@@ -645,6 +654,12 @@ pub fn render_prometheus(
         "buffer_ring_exhausted_total",
         "Receives that found the buffer ring empty (ENOBUFS).",
         total.buffer_ring_exhausted,
+    );
+    render_counter(
+        out,
+        "buffer_reclaims_total",
+        "Stalled flows asked to give their buffers back because the pool was more than half lent.",
+        total.buffers_reclaimed,
     );
 
     let name = "connect_duration_seconds";

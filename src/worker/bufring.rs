@@ -140,6 +140,12 @@ impl BufRing {
         self.lent = self.lent.saturating_sub(1);
     }
 
+    /// More than half the pool is lent out: flows get a budget of one buffer per direction and
+    /// stalled ones move their bytes off the ring (see flow.rs), so the rest stays for others.
+    pub fn tight(&self) -> bool {
+        self.lent * 2 > u32::from(self.entries)
+    }
+
     /// A recv found the ring empty: keep more buffers in it from now on.
     pub fn ran_dry(&mut self) {
         self.boost = (self.boost * 2)

@@ -93,6 +93,7 @@ impl Worker {
             connect_time: None,
             ticket,
             greeting,
+            spill: None,
         });
         let mut ops = std::mem::take(&mut self.ops);
         let entry = &mut self.slots[slot];
@@ -119,6 +120,7 @@ impl Worker {
         }
         let mut ops = std::mem::take(&mut self.ops);
         let now = self.timers.now();
+        let tight = self.bufring.tight();
         let slot = &mut self.slots[index];
         match token.kind {
             Kind::Connect => {
@@ -179,16 +181,17 @@ impl Worker {
                     self.bufring.take();
                 }
                 slot.last_active = now;
-                slot.flow
-                    .on_recv(side, res, buf, cqueue::more(flags), &mut ops);
+                let nonempty = cqueue::sock_nonempty(flags);
+                slot.flow.on_recv(side, res, buf, nonempty, tight, &mut ops);
             }
-            Kind::RecvCancel(side) => slot.flow.on_recv_cancelled(side, &mut ops),
             Kind::Send(side) => {
-                slot.last_active = now;
-                slot.flow.on_send(side, res, &mut ops);
+                if res > 0 {
+                    slot.last_active = now;
+                }
+                slot.flow.on_send(side, res, tight, &mut ops);
             }
             Kind::Shutdown(side) => slot.flow.on_shutdown(side, res, &mut ops),
-            Kind::CancelAll(_) => slot.flow.on_cancel_all_done(&mut ops),
+            Kind::Cancel => slot.flow.on_cancel_done(&mut ops),
             Kind::Accept | Kind::AcceptCancel | Kind::Wake | Kind::Tick | Kind::Close => {}
         }
         self.apply(index, &mut ops);
@@ -359,7 +362,8 @@ impl Worker {
             let mut ops = std::mem::take(&mut self.ops);
             if let Some(slot) = self.slots.get_mut(index as usize) {
                 if slot.generation == generation && slot.flow.is_starved() {
-                    slot.flow.on_buffers_available(&mut ops);
+                    slot.flow
+                        .on_buffers_available(self.bufring.tight(), &mut ops);
                     budget -= 1;
                 }
             }

@@ -126,6 +126,26 @@ impl Worker {
         );
     }
 
+    /// The buffer pool is tight: flows that moved no byte for a whole tick give back the ring
+    /// buffers their stalled sends hold (their bytes move to a heap spill of their exact size),
+    /// so a crowd of readers that never read cannot starve other flows of buffers.
+    fn reclaim_stalled(&mut self, now: u64) {
+        let stalled: Vec<usize> = self
+            .slots
+            .iter()
+            .filter(|(_, slot)| slot.last_active + 1 < now && slot.flow.buffers_held() > 0)
+            .map(|(i, _)| i)
+            .collect();
+        for index in stalled {
+            let mut ops = std::mem::take(&mut self.ops);
+            if self.slots[index].flow.reclaim(&mut ops) {
+                self.stats.buffers_reclaimed();
+            }
+            self.apply(index, &mut ops);
+            self.ops = ops;
+        }
+    }
+
     pub(super) fn arm_tick(&mut self) {
         let entry = opcode::Timeout::new(&*self.tick_timespec as *const types::Timespec)
             .build()
@@ -159,6 +179,9 @@ impl Worker {
             }
         }
         self.due = due;
+        if self.bufring.tight() {
+            self.reclaim_stalled(now);
+        }
         self.bufring.relax();
         self.bufring.trim();
         if self.drain_deadline.is_some_and(|d| Instant::now() >= d) {

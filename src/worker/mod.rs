@@ -132,6 +132,9 @@ struct Slot {
     ticket: Option<SourceTicket>,
     /// PROXY protocol state, only for flows that read or send a header.
     greeting: Option<Box<Greeting>>,
+    /// Undelivered bytes of a stalled pipe moved off the buffer ring (flow.rs, "spill"), by
+    /// `Side::pipe_index`; boxed so flows without one pay one pointer.
+    spill: Option<Box<[Vec<u8>; 2]>>,
 }
 
 /// Per-flow PROXY protocol state, boxed so flows without it pay one pointer.

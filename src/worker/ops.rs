@@ -8,11 +8,15 @@ use std::time::Instant;
 
 use io_uring::{opcode, squeue, types};
 
-use crate::flow::{CloseReason, Op, Side};
+use crate::flow::{CloseReason, Data, Op, Side, Target};
 use crate::proxy_protocol;
 
 use super::token::{Kind, Token};
 use super::{timespec, Slot, Worker};
+
+/// `IORING_RECVSEND_POLL_FIRST` (not exported by the io-uring crate): wait for readiness
+/// before the first attempt, saving a recv that would only return EAGAIN.
+const RECVSEND_POLL_FIRST: u16 = 1;
 
 impl Worker {
     /// Carries out a flow's operations; some (a connect with no backend left) feed the flow
@@ -96,29 +100,71 @@ impl Worker {
                 self.connect_next(index, more);
                 return;
             }
-            Op::Recv(side) => {
-                let Some(fd) = fd(slot, side) else { return };
-                opcode::RecvMulti::new(types::Fd(fd), self.bufring.group())
-                    .build()
-                    .user_data(token(Kind::Recv(side)))
-            }
-            Op::CancelRecv(side) => opcode::AsyncCancel::new(token(Kind::Recv(side)))
+            Op::Recv { from, poll_first } => {
+                let Some(fd) = fd(slot, from) else { return };
+                // Single-shot: one recv takes at most one buffer, so a pipe never holds more
+                // than its budget (see flow.rs).
+                opcode::Recv::new(
+                    types::Fd(fd),
+                    std::ptr::null_mut(),
+                    self.settings.buffer_size,
+                )
+                .buf_group(self.bufring.group())
+                .ioprio(if poll_first { RECVSEND_POLL_FIRST } else { 0 })
                 .build()
-                .user_data(token(Kind::RecvCancel(side))),
+                .flags(squeue::Flags::BUFFER_SELECT)
+                .user_data(token(Kind::Recv(from)))
+            }
             Op::Send {
                 to,
-                buf,
+                data,
                 offset,
                 len,
             } => {
                 let Some(fd) = fd(slot, to) else { return };
-                // SAFETY (pointer arithmetic): offset + len <= buffer size because the flow only
-                // sends bytes the kernel wrote into this buffer.
-                let ptr = self.bufring.buffer(buf).wrapping_add(offset as usize);
+                // Pointer arithmetic: offset + len never passes the bytes the flow put there (a
+                // received buffer's length, or the spill's length).
+                let ptr = match data {
+                    Data::Buffer(buf) => self.bufring.buffer(buf),
+                    Data::Spill => {
+                        let Some(spill) = slot.spill.as_ref() else {
+                            return;
+                        };
+                        // The spill is not resized while this send is in flight: the flow
+                        // appends to it only when the pipe has no send in flight, and frees it
+                        // only after the send completed.
+                        spill[to.other().pipe_index()].as_ptr()
+                    }
+                }
+                .wrapping_add(offset as usize);
                 opcode::Send::new(types::Fd(fd), ptr, len)
                     .flags(libc::MSG_NOSIGNAL)
                     .build()
                     .user_data(token(Kind::Send(to)))
+            }
+            Op::Spill {
+                from,
+                buf,
+                offset,
+                len,
+            } => {
+                let start = self.bufring.buffer(buf).wrapping_add(offset as usize);
+                // SAFETY: `buf` is lent to this flow (received, not yet given back: the flow
+                // emits its ReturnBuffer right after this op), and the kernel wrote at least
+                // offset + len bytes into it, so the range is initialised and nobody writes it.
+                let bytes = unsafe { std::slice::from_raw_parts(start, len as usize) };
+                slot.spill.get_or_insert_with(Default::default)[from.pipe_index()]
+                    .extend_from_slice(bytes);
+                return;
+            }
+            Op::DropSpill(from) => {
+                if let Some(spill) = slot.spill.as_mut() {
+                    spill[from.pipe_index()] = Vec::new();
+                    if spill.iter().all(Vec::is_empty) {
+                        slot.spill = None;
+                    }
+                }
+                return;
             }
             Op::Shutdown(side) => {
                 let Some(fd) = fd(slot, side) else { return };
@@ -126,15 +172,20 @@ impl Worker {
                     .build()
                     .user_data(token(Kind::Shutdown(side)))
             }
-            Op::CancelAll(side) => {
-                let Some(fd) = fd(slot, side) else {
-                    // No socket yet: nothing can be in flight on it.
-                    slot.flow.on_cancel_all_done(more);
-                    return;
+            Op::Cancel(target) => {
+                // By the operation's own token: the kernel finds it by hash. Cancelling by
+                // descriptor scans every request in the ring, which made closing N flows at
+                // once cost O(N^2).
+                let kind = match target {
+                    Target::Recv(side) => Kind::Recv(side),
+                    Target::Send(side) => Kind::Send(side),
+                    Target::Connect => Kind::Connect,
+                    Target::HeaderRecv => Kind::HeaderRecv,
+                    Target::Preface => Kind::Preface,
                 };
-                opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all())
+                opcode::AsyncCancel::new(token(kind))
                     .build()
-                    .user_data(token(Kind::CancelAll(side)))
+                    .user_data(token(Kind::Cancel))
             }
             Op::WaitForBuffers => {
                 self.bufring.ran_dry();

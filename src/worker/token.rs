@@ -19,10 +19,10 @@ pub enum Kind {
     Connect,
     LinkTimeout,
     Recv(Side),
-    RecvCancel(Side),
+    /// A cancel of one of a flow's operations (closing, or taking a stalled send's buffer back).
+    Cancel,
     Send(Side),
     Shutdown(Side),
-    CancelAll(Side),
     /// Read of the client's PROXY protocol header.
     HeaderRecv,
     /// Send of the preface (PROXY header, early client bytes) to the backend.
@@ -42,17 +42,14 @@ impl Kind {
             Kind::LinkTimeout => 6,
             Kind::Recv(Side::Client) => 7,
             Kind::Recv(Side::Backend) => 8,
-            Kind::RecvCancel(Side::Client) => 9,
-            Kind::RecvCancel(Side::Backend) => 10,
-            Kind::Send(Side::Client) => 11,
-            Kind::Send(Side::Backend) => 12,
-            Kind::Shutdown(Side::Client) => 13,
-            Kind::Shutdown(Side::Backend) => 14,
-            Kind::CancelAll(Side::Client) => 15,
-            Kind::CancelAll(Side::Backend) => 16,
-            Kind::HeaderRecv => 17,
-            Kind::Preface => 18,
-            Kind::Close => 19,
+            Kind::Cancel => 9,
+            Kind::Send(Side::Client) => 10,
+            Kind::Send(Side::Backend) => 11,
+            Kind::Shutdown(Side::Client) => 12,
+            Kind::Shutdown(Side::Backend) => 13,
+            Kind::HeaderRecv => 14,
+            Kind::Preface => 15,
+            Kind::Close => 16,
         }
     }
 
@@ -66,17 +63,14 @@ impl Kind {
             6 => Kind::LinkTimeout,
             7 => Kind::Recv(Side::Client),
             8 => Kind::Recv(Side::Backend),
-            9 => Kind::RecvCancel(Side::Client),
-            10 => Kind::RecvCancel(Side::Backend),
-            11 => Kind::Send(Side::Client),
-            12 => Kind::Send(Side::Backend),
-            13 => Kind::Shutdown(Side::Client),
-            14 => Kind::Shutdown(Side::Backend),
-            15 => Kind::CancelAll(Side::Client),
-            16 => Kind::CancelAll(Side::Backend),
-            17 => Kind::HeaderRecv,
-            18 => Kind::Preface,
-            19 => Kind::Close,
+            9 => Kind::Cancel,
+            10 => Kind::Send(Side::Client),
+            11 => Kind::Send(Side::Backend),
+            12 => Kind::Shutdown(Side::Client),
+            13 => Kind::Shutdown(Side::Backend),
+            14 => Kind::HeaderRecv,
+            15 => Kind::Preface,
+            16 => Kind::Close,
             _ => return None,
         })
     }
@@ -128,7 +122,7 @@ mod tests {
 
     #[test]
     fn round_trips_every_kind() {
-        for code in 1..=19u8 {
+        for code in 1..=16u8 {
             let kind = Kind::from_code(code).unwrap();
             assert_eq!(kind.code(), code);
             let token = Token::new(123_456, 0xabcdef, kind);
