@@ -36,6 +36,10 @@ use std::collections::VecDeque;
 /// Index of a buffer in the worker's provided-buffer ring.
 pub type BufId = u16;
 
+/// Most bytes one recv takes while the pool is tight: a pipe whose destination then stalls
+/// strands at most about this much in its spill.
+pub const TIGHT_RECV_BYTES: u32 = 16 * 1024;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Side {
     Client,
@@ -99,7 +103,13 @@ pub enum Op {
     Connect,
     /// Arm a single-shot recv on `from`'s socket that takes one buffer from the ring.
     /// `poll_first`: the last recv emptied the socket, so wait for data before trying.
-    Recv { from: Side, poll_first: bool },
+    /// `small`: the pool is tight, read at most `TIGHT_RECV_BYTES` (what a stalled destination
+    /// may strand off the pool stays small).
+    Recv {
+        from: Side,
+        poll_first: bool,
+        small: bool,
+    },
     /// Send bytes `offset..offset + len` of `data` to `to`.
     Send {
         to: Side,
@@ -410,7 +420,7 @@ impl Flow {
                 len: self.preface_len - self.preface_sent,
             });
         } else {
-            self.arm_recv(Side::Client, ops);
+            self.arm_recv(Side::Client, false, ops);
         }
     }
 
@@ -433,7 +443,7 @@ impl Flow {
             self.phase = Phase::Relaying;
             // Nothing can have come from a backend that just accepted: wait for data first.
             self.pipes[DOWNLOAD].source_nonempty = false;
-            self.arm_recv(Side::Backend, ops);
+            self.arm_recv(Side::Backend, false, ops);
             self.send_preface_or_start_upload(ops);
         } else if self.connect_attempts <= self.limits.retries {
             ops.push(Op::Connect);
@@ -773,12 +783,13 @@ impl Flow {
         }
     }
 
-    fn arm_recv(&mut self, side: Side, ops: &mut Vec<Op>) {
+    fn arm_recv(&mut self, side: Side, tight: bool, ops: &mut Vec<Op>) {
         let pipe = &mut self.pipes[side.pipe()];
         pipe.recv = RecvState::Armed;
         ops.push(Op::Recv {
             from: side,
             poll_first: !pipe.source_nonempty,
+            small: tight,
         });
     }
 
@@ -793,7 +804,7 @@ impl Flow {
             && pipe.spill_len == 0
             && pipe.buffers_held() < budget
         {
-            self.arm_recv(from, ops);
+            self.arm_recv(from, tight, ops);
         }
     }
 
@@ -846,6 +857,7 @@ mod tests {
         Op::Recv {
             from,
             poll_first: true,
+            small: false,
         }
     }
 
@@ -872,11 +884,13 @@ mod tests {
             [
                 Op::Recv {
                     from: Backend,
-                    poll_first: true
+                    poll_first: true,
+                    small: false
                 },
                 Op::Recv {
                     from: Client,
-                    poll_first: false
+                    poll_first: false,
+                    small: false
                 }
             ]
         );
@@ -917,14 +931,16 @@ mod tests {
         f.on_recv(Client, 10, Some(1), false, false, &mut ops);
         assert!(take(&mut ops).contains(&Op::Recv {
             from: Client,
-            poll_first: true
+            poll_first: true,
+            small: false
         }));
         f.on_send(Backend, 10, false, &mut ops);
         take(&mut ops);
         f.on_recv(Client, 10, Some(2), true, false, &mut ops);
         assert!(take(&mut ops).contains(&Op::Recv {
             from: Client,
-            poll_first: false
+            poll_first: false,
+            small: false
         }));
     }
 
@@ -998,7 +1014,8 @@ mod tests {
                 Op::ReturnBuffer(1),
                 Op::Recv {
                     from: Backend,
-                    poll_first: true
+                    poll_first: true,
+                    small: true
                 }
             ]
         );
@@ -1059,7 +1076,17 @@ mod tests {
         f.on_recv(Backend, 10, Some(6), false, true, &mut ops);
         assert_eq!(take(&mut ops), [send(Client, 6, 0, 10)]);
         f.on_send(Client, 10, true, &mut ops);
-        assert_eq!(take(&mut ops), [Op::ReturnBuffer(6), recv(Backend)]);
+        assert_eq!(
+            take(&mut ops),
+            [
+                Op::ReturnBuffer(6),
+                Op::Recv {
+                    from: Backend,
+                    poll_first: true,
+                    small: true
+                }
+            ]
+        );
     }
 
     #[test]
@@ -1580,7 +1607,8 @@ mod tests {
             [
                 Op::Recv {
                     from: Backend,
-                    poll_first: true
+                    poll_first: true,
+                    small: false
                 },
                 Op::SendPreface { offset: 0, len: 28 }
             ],
@@ -1599,7 +1627,8 @@ mod tests {
             take(&mut ops),
             [Op::Recv {
                 from: Client,
-                poll_first: false
+                poll_first: false,
+                small: false
             }]
         );
         assert_eq!(f.bytes(), (28, 0));

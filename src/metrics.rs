@@ -208,6 +208,9 @@ pub struct WorkerStats {
     accept_errors: AtomicU64,
     buffer_ring_exhausted: AtomicU64,
     buffers_reclaimed: AtomicU64,
+    /// Gauges the worker stores once per event-loop turn.
+    buffers_in_use: AtomicU64,
+    spill_bytes: AtomicU64,
     /// Non-cumulative: slot i counts observations in (bound i-1, bound i]; the last slot counts
     /// those above the largest bound. The count is their sum, so `+Inf == _count` always holds.
     connect_buckets: [AtomicU64; CONNECT_SLOTS],
@@ -229,6 +232,8 @@ impl WorkerStats {
             accept_errors: load(&self.accept_errors),
             buffer_ring_exhausted: load(&self.buffer_ring_exhausted),
             buffers_reclaimed: load(&self.buffers_reclaimed),
+            buffers_in_use: load(&self.buffers_in_use),
+            spill_bytes: load(&self.spill_bytes),
             connect_buckets: self.connect_buckets.each_ref().map(load),
             connect_sum_micros: load(&self.connect_sum_micros),
         }
@@ -327,6 +332,12 @@ impl WorkerStatsWriter {
     pub fn buffers_reclaimed(&self) {
         bump(&self.stats.buffers_reclaimed, 1);
     }
+
+    /// Relay buffers held by flows now, and bytes held in their heap spills.
+    pub fn set_buffer_use(&self, buffers: u64, spill_bytes: u64) {
+        self.stats.buffers_in_use.store(buffers, Ordering::Relaxed);
+        self.stats.spill_bytes.store(spill_bytes, Ordering::Relaxed);
+    }
 }
 
 /// Plain copy of one worker's counters (or of several, summed with [`WorkerCounts::add`]).
@@ -342,6 +353,8 @@ pub struct WorkerCounts {
     pub accept_errors: u64,
     pub buffer_ring_exhausted: u64,
     pub buffers_reclaimed: u64,
+    pub buffers_in_use: u64,
+    pub spill_bytes: u64,
     /// Non-cumulative bucket counts, the last being above 5 s.
     pub connect_buckets: [u64; CONNECT_SLOTS],
     pub connect_sum_micros: u64,
@@ -660,6 +673,18 @@ pub fn render_prometheus(
         "buffer_reclaims_total",
         "Stalled flows asked to give their buffers back because the pool was more than half lent.",
         total.buffers_reclaimed,
+    );
+    render_gauge(
+        out,
+        "buffers_in_use",
+        "Relay buffers held by flows now (bytes received, not yet delivered), all workers.",
+        total.buffers_in_use,
+    );
+    render_gauge(
+        out,
+        "spill_bytes",
+        "Undelivered bytes of stalled flows held off the buffer pool, all workers.",
+        total.spill_bytes,
     );
 
     let name = "connect_duration_seconds";

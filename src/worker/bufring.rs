@@ -140,6 +140,11 @@ impl BufRing {
         self.lent = self.lent.saturating_sub(1);
     }
 
+    /// Buffers user space holds now (received, not yet given back).
+    pub fn lent(&self) -> u32 {
+        self.lent
+    }
+
     /// More than half the pool is lent out: flows get a budget of one buffer per direction and
     /// stalled ones move their bytes off the ring (see flow.rs), so the rest stays for others.
     pub fn tight(&self) -> bool {

@@ -211,6 +211,8 @@ struct Worker {
     listen_addr: SocketAddr,
     /// Next `--source` address to use.
     source_turn: usize,
+    /// Bytes in every flow's spill (a gauge for operators).
+    spill_bytes: u64,
 }
 
 /// Runs a worker on the current thread until it is told to stop. Ring set-up errors are
@@ -297,6 +299,7 @@ impl Worker {
             access_log: setup.access_log,
             listen_addr: setup.listen_addr,
             source_turn: setup.id,
+            spill_bytes: 0,
         })
     }
 
@@ -309,6 +312,8 @@ impl Worker {
             if returned > 0 {
                 self.wake_starved(returned as usize);
             }
+            self.stats
+                .set_buffer_use(u64::from(self.bufring.lent()), self.spill_bytes);
             if self.stopping
                 && self.slots.is_empty()
                 && self.parked.is_empty()

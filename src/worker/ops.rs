@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use io_uring::{opcode, squeue, types};
 
-use crate::flow::{CloseReason, Data, Op, Side, Target};
+use crate::flow::{CloseReason, Data, Op, Side, Target, TIGHT_RECV_BYTES};
 use crate::proxy_protocol;
 
 use super::token::{Kind, Token};
@@ -100,20 +100,25 @@ impl Worker {
                 self.connect_next(index, more);
                 return;
             }
-            Op::Recv { from, poll_first } => {
+            Op::Recv {
+                from,
+                poll_first,
+                small,
+            } => {
                 let Some(fd) = fd(slot, from) else { return };
+                let len = if small {
+                    TIGHT_RECV_BYTES.min(self.settings.buffer_size)
+                } else {
+                    self.settings.buffer_size
+                };
                 // Single-shot: one recv takes at most one buffer, so a pipe never holds more
                 // than its budget (see flow.rs).
-                opcode::Recv::new(
-                    types::Fd(fd),
-                    std::ptr::null_mut(),
-                    self.settings.buffer_size,
-                )
-                .buf_group(self.bufring.group())
-                .ioprio(if poll_first { RECVSEND_POLL_FIRST } else { 0 })
-                .build()
-                .flags(squeue::Flags::BUFFER_SELECT)
-                .user_data(token(Kind::Recv(from)))
+                opcode::Recv::new(types::Fd(fd), std::ptr::null_mut(), len)
+                    .buf_group(self.bufring.group())
+                    .ioprio(if poll_first { RECVSEND_POLL_FIRST } else { 0 })
+                    .build()
+                    .flags(squeue::Flags::BUFFER_SELECT)
+                    .user_data(token(Kind::Recv(from)))
             }
             Op::Send {
                 to,
@@ -155,11 +160,13 @@ impl Worker {
                 let bytes = unsafe { std::slice::from_raw_parts(start, len as usize) };
                 slot.spill.get_or_insert_with(Default::default)[from.pipe_index()]
                     .extend_from_slice(bytes);
+                self.spill_bytes += u64::from(len);
                 return;
             }
             Op::DropSpill(from) => {
                 if let Some(spill) = slot.spill.as_mut() {
-                    spill[from.pipe_index()] = Vec::new();
+                    let freed = std::mem::take(&mut spill[from.pipe_index()]);
+                    self.spill_bytes -= freed.len() as u64;
                     if spill.iter().all(Vec::is_empty) {
                         slot.spill = None;
                     }
