@@ -1292,19 +1292,18 @@ mod tests {
                         delivered.push((start, sent));
                         f.on_send(Client, sent as i32, tight, &mut ops);
                     }
-                    3 if in_flight.is_some() && f.pipes[DOWNLOAD].sending.is_some() => {
-                        if f.reclaim(&mut ops) {
-                            // The cancel wins half the time.
-                            let reclaimed = take(&mut ops);
-                            assert!(reclaimed.contains(&Op::Cancel(Target::Send(Client))));
-                            if next(2) == 0 {
-                                in_flight = None;
-                                f.on_send(Client, -libc::ECANCELED, tight, &mut ops);
-                            }
-                            let more = take(&mut ops);
-                            f.on_cancel_done(&mut ops);
-                            ops.splice(0..0, more);
+                    // A reclaim (which asks only while a ring buffer is being sent).
+                    3 if in_flight.is_some() && f.reclaim(&mut ops) => {
+                        let reclaimed = take(&mut ops);
+                        assert!(reclaimed.contains(&Op::Cancel(Target::Send(Client))));
+                        // The cancel wins half the time; otherwise the send completes later.
+                        if next(2) == 0 {
+                            in_flight = None;
+                            f.on_send(Client, -libc::ECANCELED, tight, &mut ops);
                         }
+                        let more = take(&mut ops);
+                        f.on_cancel_done(&mut ops);
+                        ops.splice(0..0, more);
                     }
                     _ => {} // that event cannot happen now: pick another
                 }
