@@ -383,6 +383,8 @@ impl WorkerCounts {
             .buffer_ring_exhausted
             .wrapping_add(other.buffer_ring_exhausted);
         self.buffers_reclaimed = self.buffers_reclaimed.wrapping_add(other.buffers_reclaimed);
+        self.buffers_in_use = self.buffers_in_use.wrapping_add(other.buffers_in_use);
+        self.spill_bytes = self.spill_bytes.wrapping_add(other.spill_bytes);
         sum(&mut self.connect_buckets, &other.connect_buckets);
         self.connect_sum_micros = self
             .connect_sum_micros
