@@ -51,7 +51,7 @@ const WARM_SPARE: usize = 64;
 const TRIM_PER_TICK: usize = 16;
 const PAGE: usize = 4096;
 
-/// Buffers kept in the ring beyond twice those lent out.
+/// Buffers kept in the ring when there has been no shortage.
 const BASE_DEPTH: u32 = 64;
 
 impl BufRing {
@@ -151,11 +151,13 @@ impl BufRing {
         self.lent * 2 > u32::from(self.entries)
     }
 
-    /// A recv found the ring empty: keep more buffers in it from now on.
+    /// A recv found the ring empty: keep more buffers in it from now on (at most a quarter of
+    /// the pool: the kernel never gives ring buffers back, so what sits in the ring after a
+    /// burst stays resident until traffic cycles it).
     pub fn ran_dry(&mut self) {
         self.boost = (self.boost * 2)
             .max(BASE_DEPTH)
-            .min(u32::from(self.entries));
+            .min(u32::from(self.entries) / 4);
     }
 
     /// Called on every tick: a shortage long past no longer needs the extra depth.
@@ -166,7 +168,7 @@ impl BufRing {
     /// Gives the pages of cold free buffers back to the kernel: those at the bottom of the free
     /// stack, below what the ring's target and a warm spare need. Called on the worker's tick.
     pub fn trim(&mut self) {
-        let target = (BASE_DEPTH + 2 * self.lent + self.boost) as usize;
+        let target = self.target() as usize;
         let cold = self.free.len().saturating_sub(target + WARM_SPARE);
         let mut trimmed = 0;
         for &bid in &self.free[..cold] {
@@ -201,7 +203,7 @@ impl BufRing {
     /// Tops the ring up from the free stack and makes the new entries visible to the kernel.
     /// Returns how many buffers it added, so the worker can wake flows that ran dry.
     pub fn publish(&mut self) -> u32 {
-        let target = (BASE_DEPTH + 2 * self.lent + self.boost).min(u32::from(self.entries));
+        let target = self.target();
         let mask = self.entries - 1;
         let mut added = 0;
         while self.in_ring < target {
@@ -229,6 +231,14 @@ impl BufRing {
             }
         }
         added
+    }
+
+    /// Buffers to keep in the ring. Single-shot recvs take one buffer each, so the ring only
+    /// needs what one event-loop turn's recvs can take; a shortage (ENOBUFS) deepens it for a
+    /// while. It does not follow the buffers lent out: after a burst the ring would stay that
+    /// deep, its pages resident, since published buffers cannot be taken back.
+    fn target(&self) -> u32 {
+        (BASE_DEPTH + self.boost).min(u32::from(self.entries))
     }
 
     pub fn unregister(&self, ring: &IoUring) {

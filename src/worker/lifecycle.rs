@@ -146,6 +146,21 @@ impl Worker {
         }
     }
 
+    /// Spills are heap blocks of up to a few hundred KiB; freed, glibc keeps them in this
+    /// thread's arena, so RSS would stay at the high-water mark of a stall. Once the spills are
+    /// gone (and at least 1 MiB was freed), ask it to hand the free pages back.
+    fn return_spill_memory(&mut self) {
+        if self.spill_bytes == 0 && self.spill_freed >= 1 << 20 {
+            self.spill_freed = 0;
+            #[cfg(target_env = "gnu")]
+            // SAFETY: malloc_trim only releases free memory of the allocator's own arenas; it
+            // touches no memory we hold.
+            unsafe {
+                libc::malloc_trim(0);
+            }
+        }
+    }
+
     pub(super) fn arm_tick(&mut self) {
         let entry = opcode::Timeout::new(&*self.tick_timespec as *const types::Timespec)
             .build()
@@ -184,6 +199,7 @@ impl Worker {
         }
         self.bufring.relax();
         self.bufring.trim();
+        self.return_spill_memory();
         if self.drain_deadline.is_some_and(|d| Instant::now() >= d) {
             self.stop();
         }

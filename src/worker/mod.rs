@@ -213,6 +213,8 @@ struct Worker {
     source_turn: usize,
     /// Bytes in every flow's spill (a gauge for operators).
     spill_bytes: u64,
+    /// Spill memory freed since the allocator was last asked to return free pages.
+    spill_freed: u64,
 }
 
 /// Runs a worker on the current thread until it is told to stop. Ring set-up errors are
@@ -300,6 +302,7 @@ impl Worker {
             listen_addr: setup.listen_addr,
             source_turn: setup.id,
             spill_bytes: 0,
+            spill_freed: 0,
         })
     }
 

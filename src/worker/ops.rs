@@ -167,6 +167,7 @@ impl Worker {
                 if let Some(spill) = slot.spill.as_mut() {
                     let freed = std::mem::take(&mut spill[from.pipe_index()]);
                     self.spill_bytes -= freed.len() as u64;
+                    self.spill_freed += freed.capacity() as u64;
                     if spill.iter().all(Vec::is_empty) {
                         slot.spill = None;
                     }
