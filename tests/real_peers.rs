@@ -57,7 +57,6 @@ fn free_port() -> u16 {
 struct Server {
     child: Child,
     addr: SocketAddr,
-    what: &'static str,
 }
 
 impl Server {
@@ -87,7 +86,6 @@ impl Server {
         let server = Server {
             child,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            what,
         };
         let deadline = Instant::now() + SERVER_START;
         let mut seen = Vec::new();
@@ -153,17 +151,20 @@ fn run_tool(program: &str, args: &[&str]) -> Outcome {
 // The proxy and its view of the backend
 // ---------------------------------------------------------------------------------------------
 
-/// Ringway with default flags in front of `backend`, plus the admin endpoint to read.
-fn proxy_to(backend: SocketAddr) -> (Proxy, SocketAddr) {
+/// Ringway with default flags in front of `backend`, plus the admin endpoint to read and
+/// `extra` flags.
+fn proxy_to(backend: SocketAddr, extra: &[&str]) -> (Proxy, SocketAddr) {
     let backend = backend.to_string();
-    let proxy = Proxy::start(&[
+    let mut args = vec![
         "--listen",
         "127.0.0.1:0",
         "--backend",
         &backend,
         "--admin",
         "127.0.0.1:0",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let proxy = Proxy::start(&args);
     let text = proxy.stderr();
     let admin = text
         .split("admin endpoint on http://")
@@ -193,7 +194,8 @@ fn backends_json(admin: SocketAddr) -> String {
 /// logged it down. The next run through the proxy is the user's own check.
 fn assert_backend_up(proxy: &Proxy, admin: SocketAddr, backend: SocketAddr, after: &str) {
     assert!(
-        wait_until(CLOSE_TIMEOUT, || backends_json(admin).contains("\"active\":0")),
+        wait_until(CLOSE_TIMEOUT, || backends_json(admin)
+            .contains("\"active\":0")),
         "after {after}, flows still open on {backend}: {}\n{}",
         backends_json(admin),
         proxy.stderr_tail()
@@ -252,12 +254,24 @@ const BIDIR_SUMS: [(&str, &str); 2] = [
 const SUMS: [(&str, &str); 1] = [("sum_sent", "sum_received")];
 
 const MIB: u64 = 1024 * 1024;
+/// Bytes one stream can have in flight when iperf3 stops counting at the end of a run (the
+/// receiver stops reading then): the sender's send buffer, the proxy's receive buffer, its
+/// relay buffers and send buffer towards the receiver, and the receiver's receive buffer, at
+/// Linux's default maxima (4 MiB to send, 6 MiB to receive), rounded up.
+const IN_FLIGHT_PER_STREAM: u64 = 24 * MIB;
 
-/// Runs the iperf3 client through the proxy and checks that it succeeded and moved its bytes:
-/// for each `(sent, received)` pair of end-summary keys, at least `at_least` bytes sent (its
-/// `-n`), and the receiver got what the sender sent, less what was still in flight when the
-/// test ended (iperf3 stops reading at its end: well under 10%).
-fn iperf3_through(proxy: &Proxy, what: &str, args: &[&str], at_least: u64, sums: &[(&str, &str)]) {
+/// Runs the iperf3 client (with `streams` parallel streams) through the proxy and checks that
+/// it succeeded and moved its bytes: for each `(sent, received)` pair of end-summary keys, at
+/// least `at_least` bytes sent (its `-n`), and the receiver got what the sender sent, less what
+/// can have been in flight when the run ended.
+fn iperf3_through(
+    proxy: &Proxy,
+    what: &str,
+    args: &[&str],
+    streams: u64,
+    at_least: u64,
+    sums: &[(&str, &str)],
+) {
     let port = proxy.addr.port().to_string();
     let mut argv = vec!["-c", "127.0.0.1", "-p", &port, "-J"];
     argv.extend_from_slice(args);
@@ -287,7 +301,7 @@ fn iperf3_through(proxy: &Proxy, what: &str, args: &[&str], at_least: u64, sums:
             "iperf3 {what} {sent_key}: sent {sent} bytes, expected at least {at_least}"
         );
         assert!(
-            received <= sent && received >= sent / 10 * 9,
+            received <= sent && received + streams * IN_FLIGHT_PER_STREAM >= sent,
             "iperf3 {what} {sent_key}: the receiver got {received} of {sent} bytes sent"
         );
     }
@@ -298,13 +312,21 @@ fn iperf3_through(proxy: &Proxy, what: &str, args: &[&str], at_least: u64, sums:
 #[test]
 fn iperf3_parallel_upload_leaves_the_backend_up_for_the_next_run() {
     let server = iperf3_server();
-    let (proxy, admin) = proxy_to(server.addr);
-    iperf3_through(&proxy, "-P4", &["-P", "4", "-n", "512M"], 512 * MIB, &SUMS);
+    let (proxy, admin) = proxy_to(server.addr, &[]);
+    iperf3_through(
+        &proxy,
+        "-P4",
+        &["-P", "4", "-n", "512M"],
+        4,
+        512 * MIB,
+        &SUMS,
+    );
     assert_backend_up(&proxy, admin, server.addr, "iperf3 -P4");
     iperf3_through(
         &proxy,
         "-P4 (second run)",
         &["-P", "4", "-n", "256M"],
+        4,
         256 * MIB,
         &SUMS,
     );
@@ -313,21 +335,39 @@ fn iperf3_parallel_upload_leaves_the_backend_up_for_the_next_run() {
 }
 
 /// Downloads (`-R`), then both directions at once (`--bidir`, which runs for a time: its `-n`
-/// would count one direction only), one after the other on one proxy.
+/// would count one direction only).
+///
+/// The `--bidir` run goes through a proxy with one worker: iperf3's server gives its data
+/// streams their roles (send or receive) in the order it accepts them, and two workers connect
+/// the client's two streams to the backend in parallel, so now and then in the other order;
+/// then both ends send on one stream, nobody reads, and the run moves no bytes (seen in 2 of
+/// 12 runs with two workers, 0 of 15 with one). Any multi-threaded TCP proxy can reorder
+/// connections so; the test pins what Ringway can promise.
 #[test]
 fn iperf3_reverse_and_bidirectional_runs_complete_and_leave_the_backend_up() {
     let server = iperf3_server();
-    let (proxy, admin) = proxy_to(server.addr);
+    let (proxy, admin) = proxy_to(server.addr, &[]);
     iperf3_through(
         &proxy,
         "-R",
         &["-P", "2", "-R", "-n", "256M"],
+        2,
         256 * MIB,
         &SUMS,
     );
     assert_backend_up(&proxy, admin, server.addr, "iperf3 -R");
-    iperf3_through(&proxy, "--bidir", &["--bidir", "-t", "2"], MIB, &BIDIR_SUMS);
-    assert_backend_up(&proxy, admin, server.addr, "iperf3 -R and --bidir");
+    drop(proxy);
+
+    let (proxy, admin) = proxy_to(server.addr, &["--workers", "1"]);
+    iperf3_through(
+        &proxy,
+        "--bidir",
+        &["--bidir", "-t", "2"],
+        1,
+        MIB,
+        &BIDIR_SUMS,
+    );
+    assert_backend_up(&proxy, admin, server.addr, "iperf3 --bidir");
     drop(server);
 }
 
@@ -369,7 +409,7 @@ fn redis_benchmark_completes_every_request_through_the_proxy() {
         "no",
     ]);
     let server = Server::start("redis-server", cmd, port, "Ready to accept connections");
-    let (proxy, admin) = proxy_to(server.addr);
+    let (proxy, admin) = proxy_to(server.addr, &[]);
 
     let proxy_port = proxy.addr.port().to_string();
     let n = REQUESTS.to_string();
