@@ -134,8 +134,9 @@ impl Worker {
                         backend.stats.flow_started();
                     }
                 } else if slot.flow.phase() != Phase::Closing {
-                    // (A connect cancelled because the flow is closing says nothing at all; a
-                    // timeout, also ECANCELED from the linked timeout, does.)
+                    // The connect itself failed (a cancel because the flow is closing, above,
+                    // says nothing); what that says about the backend is health's to decide.
+                    // A timeout shows as ECANCELED, from the linked timeout.
                     let error = io::Error::from_raw_os_error(-res);
                     let name = backend.map_or("?", |b| &*b.name);
                     debug!(
