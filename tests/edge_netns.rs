@@ -278,15 +278,26 @@ fn one_flow(proxy: &Proxy, port: u16) -> Result<(), String> {
     Ok(())
 }
 
+/// `GET /metrics` from the admin endpoint at `admin`: the value of the unlabelled `name`.
+fn metric(admin: SocketAddr, name: &str) -> Option<u64> {
+    let mut s = TcpStream::connect_timeout(&admin, Duration::from_secs(5)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: {admin}\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 /// With `--source` and a 100-port range, 250 flows to one backend run out of local ports
 /// (EADDRNOTAVAIL at connect). That is not the backend's failure: it is not taken down (with
-/// passive checks at their defaults, three would have done it), the warning names the fix,
-/// and once a port is free again a new flow is served at once rather than refused for
-/// `--fail-timeout`.
+/// passive checks at their defaults, three would have done it), the shortage is counted, the
+/// warning names the fix, and once a port is free again a new flow is served at once rather
+/// than refused for `--fail-timeout`.
 #[test]
 fn running_out_of_local_ports_leaves_the_backend_up() {
     let ns = Netns::new();
-    let (outcome, again, stderr) = ns.run(|| {
+    let (outcome, again, local_errors, stderr) = ns.run(|| {
         let echo = Backend::echo();
         let proxy = Proxy::start(&[
             "--listen",
@@ -295,8 +306,18 @@ fn running_out_of_local_ports_leaves_the_backend_up() {
             &echo.arg(),
             "--source",
             "127.0.0.2",
+            "--admin",
+            "127.0.0.1:0",
         ]);
+        let admin: SocketAddr = proxy
+            .stderr()
+            .split("admin endpoint on http://")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|addr| addr.parse().ok())
+            .unwrap_or_else(|| panic!("no admin endpoint line\n{}", proxy.stderr_tail()));
         let (outcome, mut streams) = open_flows(&proxy);
+        let local_errors = metric(admin, "ringway_connect_local_errors_total");
         // Free one local port: a client reset is passed on as a reset, which leaves no
         // TIME_WAIT behind on the proxy's side. Then a new flow must be served; until the
         // proxy has released the port its connect may still run short, so retry (bounded).
@@ -314,7 +335,7 @@ fn running_out_of_local_ports_leaves_the_backend_up() {
         };
         let stderr = proxy.stderr_tail();
         drop(streams);
-        (outcome, again, stderr)
+        (outcome, again, local_errors, stderr)
     });
     assert!(
         outcome.refused > 0 && outcome.other.is_empty(),
@@ -327,6 +348,10 @@ fn running_out_of_local_ports_leaves_the_backend_up() {
     assert!(
         !stderr.contains("is DOWN"),
         "running out of local ports took the backend down\n{stderr}"
+    );
+    assert!(
+        local_errors.is_some_and(|n| n > 0),
+        "ringway_connect_local_errors_total is {local_errors:?} after running out of ports\n{stderr}"
     );
     assert!(
         stderr.contains("--source") && stderr.contains("net.ipv4.ip_local_port_range"),

@@ -33,11 +33,8 @@ const SERVER_START: Duration = Duration::from_secs(20);
 
 /// Panics unless `program` is on the PATH, naming the Debian package that provides it.
 fn require(program: &str, package: &str) {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {program}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let found = std::env::split_paths(&path).any(|dir| dir.join(program).is_file());
     assert!(
         found,
         "`{program}` is not installed: install the Debian package `{package}` \
