@@ -134,8 +134,10 @@ impl Health {
     }
 
     /// A flow's connect failed with evidence against the backend ([`ConnectFailure::Backend`]).
+    /// Failures while it is down are not kept (flows still reach it when nothing else is left):
+    /// back up, it gets a fresh `--max-fails` window, and the record stays small.
     pub fn on_passive_failure(&mut self, now: Instant, config: &HealthConfig) -> Option<bool> {
-        if config.max_fails == 0 {
+        if config.max_fails == 0 || !self.is_up() {
             return None;
         }
         self.passive.push_back(now);
@@ -433,6 +435,32 @@ mod tests {
         assert_eq!(h.on_passive_failure(t0, &c), Some(false));
         assert_eq!(h.on_tick(t0 + Duration::from_secs(5), &c), None);
         assert_eq!(h.on_tick(t0 + Duration::from_secs(10), &c), Some(true));
+    }
+
+    #[test]
+    fn failures_while_down_do_not_count_once_it_is_back() {
+        let c = HealthConfig {
+            interval: None,
+            ..config()
+        };
+        let mut h = Health::new();
+        let t0 = Instant::now();
+        h.on_passive_failure(t0, &c);
+        assert_eq!(h.on_passive_failure(t0, &c), Some(false));
+        let later = t0 + Duration::from_secs(9);
+        for _ in 0..1000 {
+            assert_eq!(h.on_passive_failure(later, &c), None);
+        }
+        assert_eq!(h.on_tick(t0 + Duration::from_secs(10), &c), Some(true));
+        assert_eq!(
+            h.on_passive_failure(t0 + Duration::from_secs(11), &c),
+            None,
+            "one failure after coming back is not --max-fails 2"
+        );
+        assert_eq!(
+            h.on_passive_failure(t0 + Duration::from_secs(11), &c),
+            Some(false)
+        );
     }
 
     #[test]
