@@ -194,6 +194,13 @@ impl Worker {
                     // logged, never reported against the backend.
                     let errno = e.raw_os_error().unwrap_or(0);
                     let hint = match classify_connect_error(errno) {
+                        // The port is chosen at connect (IP_BIND_ADDRESS_NO_PORT): here it
+                        // means the address itself is missing.
+                        ConnectFailure::Local if errno == libc::EADDRNOTAVAIL => {
+                            self.stats.connect_local_error();
+                            "the --source address is not on this host; not held against the \
+                             backend"
+                        }
                         ConnectFailure::Local => {
                             self.stats.connect_local_error();
                             local_error_hint(errno)
