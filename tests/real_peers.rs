@@ -56,9 +56,31 @@ struct Server {
     addr: SocketAddr,
 }
 
+/// Attempts at starting a server on a free port: another process may take the port between
+/// our pick and the server's bind.
+const START_ATTEMPTS: usize = 3;
+
 impl Server {
+    /// Starts the server that `command(port)` makes on a free port; panics after
+    /// `START_ATTEMPTS` failures with what it printed.
+    fn start_on_free_port(
+        what: &'static str,
+        command: impl Fn(u16) -> Command,
+        ready: &str,
+    ) -> Server {
+        let mut failures = Vec::new();
+        for _ in 0..START_ATTEMPTS {
+            let port = free_port();
+            match Server::start(what, command(port), port, ready) {
+                Ok(server) => return server,
+                Err(e) => failures.push(e),
+            }
+        }
+        panic!("{what} did not start: {}", failures.join("\n---\n"));
+    }
+
     /// Starts `cmd` and waits (bounded) for a line containing `ready` on its stdout.
-    fn start(what: &'static str, mut cmd: Command, port: u16, ready: &str) -> Server {
+    fn start(what: &str, mut cmd: Command, port: u16, ready: &str) -> Result<Server, String> {
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -80,6 +102,7 @@ impl Server {
                 }
             })
             .expect("spawn a stdout reader");
+        // From here on, dropping `server` kills the process.
         let server = Server {
             child,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
@@ -89,12 +112,15 @@ impl Server {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match lines.recv_timeout(left) {
-                Ok(line) if line.contains(ready) => return server,
+                Ok(line) if line.contains(ready) => return Ok(server),
                 Ok(line) => seen.push(line),
-                Err(_) => panic!(
-                    "{what} did not print `{ready}` within {SERVER_START:?}; it printed:\n{}",
-                    seen.join("\n")
-                ),
+                Err(_) => {
+                    return Err(format!(
+                        "{what} on port {port} did not print `{ready}` within {SERVER_START:?} \
+                         (or exited); it printed:\n{}",
+                        seen.join("\n")
+                    ))
+                }
             }
         }
     }
@@ -216,17 +242,13 @@ fn assert_backend_up(proxy: &Proxy, admin: SocketAddr, backend: SocketAddr, afte
 
 fn iperf3_server() -> Server {
     require("iperf3", "iperf3");
-    let port = free_port();
-    let mut cmd = Command::new("iperf3");
-    cmd.args([
-        "-s",
-        "-B",
-        "127.0.0.1",
-        "-p",
-        &port.to_string(),
-        "--forceflush",
-    ]);
-    Server::start("iperf3 -s", cmd, port, "Server listening")
+    let command = |port: u16| {
+        let mut cmd = Command::new("iperf3");
+        cmd.args(["-s", "-B", "127.0.0.1", "--forceflush", "-p"])
+            .arg(port.to_string());
+        cmd
+    };
+    Server::start_on_free_port("iperf3 -s", command, "Server listening")
 }
 
 /// The `"bytes"` of the JSON object that follows `"key":` in iperf3's `-J` report.
@@ -389,23 +411,15 @@ fn redis_benchmark_completes_every_request_through_the_proxy() {
     require("redis-server", "redis-server");
     require("redis-benchmark", "redis-tools");
     require("redis-cli", "redis-tools");
-    let port = free_port();
-    let mut cmd = Command::new("redis-server");
-    cmd.args([
-        "--port",
-        &port.to_string(),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--logfile",
-        "",
-        "--daemonize",
-        "no",
-    ]);
-    let server = Server::start("redis-server", cmd, port, "Ready to accept connections");
+    let command = |port: u16| {
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--logfile", "", "--daemonize", "no", "--port"])
+            .arg(port.to_string());
+        cmd
+    };
+    let server = Server::start_on_free_port("redis-server", command, "Ready to accept connections");
+    let port = server.addr.port();
     let (proxy, admin) = proxy_to(server.addr, &[]);
 
     let proxy_port = proxy.addr.port().to_string();
