@@ -7,6 +7,9 @@
 #   procps        sysctl
 #   dnsmasq-base  a real DNS server for --backend-dns
 #   nginx         a real PROXY protocol peer for --send-proxy
+#   iperf3        real bulk transfers through the proxy (tests/real_peers.rs)
+#   redis-server  a real request/response server (tests/real_peers.rs)
+#   redis-tools   redis-benchmark and redis-cli against it
 # and root (network namespaces, setns). Nothing here talks to anything but loopback or
 # namespaces the tests create themselves.
 set -euo pipefail
@@ -17,15 +20,15 @@ as_root() {
 }
 
 need=()
-for pkg in iproute2 procps dnsmasq-base nginx; do
+for pkg in iproute2 procps dnsmasq-base nginx iperf3 redis-server redis-tools; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if ((${#need[@]})); then
     echo "installing test dependencies: ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
     as_root apt-get update -qq
-    # Keep package scripts from starting services (nginx would take port 80): the tests start
-    # their own private instances.
+    # Keep package scripts from starting services (nginx would take port 80, redis-server 6379,
+    # iperf3 5201): the tests start their own private instances.
     added_policy=0
     if [ ! -e /usr/sbin/policy-rc.d ]; then
         as_root sh -c 'printf "#!/bin/sh\nexit 101\n" > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d'

@@ -107,7 +107,7 @@ pub struct Flags {
     #[argh(option)]
     pub health_expect: Option<String>,
 
-    /// passive checks: this many failed connects or early resets within --fail-timeout take a backend down until a check passes; 0 disables (default 3)
+    /// passive checks: this many refused, timed-out or unreachable connects within --fail-timeout take a backend down until a check passes; never every backend at once; 0 disables (default 3)
     #[argh(option)]
     pub max_fails: Option<String>,
 

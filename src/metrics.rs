@@ -22,6 +22,8 @@
 //!   either per send completion (live) or once at flow end — pick one, not both.
 //! - [`connect_failed`](WorkerStatsWriter::connect_failed): one backend connect attempt failed or
 //!   timed out (a flow that retries may count several).
+//! - [`connect_local_error`](WorkerStatsWriter::connect_local_error): a backend connect (or its
+//!   socket) failed for lack of a local resource: ports, descriptors, buffers, memory.
 //! - [`connected`](WorkerStatsWriter::connected)`(elapsed)`: a backend connect succeeded after
 //!   `elapsed`; feeds the connect-time histogram.
 //! - [`accept_error`](WorkerStatsWriter::accept_error): accept completed with an error.
@@ -46,7 +48,7 @@
 //! | `flows_active` | gauge | `worker` |
 //! | `flows_closed_total` | counter | `reason` (every [`CloseKind`], zeros included) |
 //! | `bytes_total` | counter | `direction` = `client_to_backend` / `backend_to_client` |
-//! | `connect_failures_total`, `accept_errors_total`, `buffer_ring_exhausted_total` | counter | |
+//! | `connect_failures_total`, `connect_local_errors_total`, `accept_errors_total`, `buffer_ring_exhausted_total` | counter | |
 //! | `connect_duration_seconds` | histogram | |
 //! | `backend_up` | gauge 0/1 | `backend`, `backup` = `true`/`false` |
 //! | `backend_flows_active` | gauge | `backend` |
@@ -205,6 +207,7 @@ pub struct WorkerStats {
     bytes_client_to_backend: AtomicU64,
     bytes_backend_to_client: AtomicU64,
     connect_failures: AtomicU64,
+    connect_local_errors: AtomicU64,
     accept_errors: AtomicU64,
     buffer_ring_exhausted: AtomicU64,
     buffers_reclaimed: AtomicU64,
@@ -229,6 +232,7 @@ impl WorkerStats {
             bytes_client_to_backend: load(&self.bytes_client_to_backend),
             bytes_backend_to_client: load(&self.bytes_backend_to_client),
             connect_failures: load(&self.connect_failures),
+            connect_local_errors: load(&self.connect_local_errors),
             accept_errors: load(&self.accept_errors),
             buffer_ring_exhausted: load(&self.buffer_ring_exhausted),
             buffers_reclaimed: load(&self.buffers_reclaimed),
@@ -312,6 +316,12 @@ impl WorkerStatsWriter {
         bump(&self.stats.connect_failures, 1);
     }
 
+    /// A backend connect, or the socket for it, failed for lack of a local resource (no local
+    /// port, descriptor, buffer or memory): not the backend's fault.
+    pub fn connect_local_error(&self) {
+        bump(&self.stats.connect_local_errors, 1);
+    }
+
     /// A backend connect succeeded `elapsed` after it was submitted.
     pub fn connected(&self, elapsed: Duration) {
         let micros = duration_micros(elapsed);
@@ -350,6 +360,7 @@ pub struct WorkerCounts {
     pub bytes_client_to_backend: u64,
     pub bytes_backend_to_client: u64,
     pub connect_failures: u64,
+    pub connect_local_errors: u64,
     pub accept_errors: u64,
     pub buffer_ring_exhausted: u64,
     pub buffers_reclaimed: u64,
@@ -378,6 +389,9 @@ impl WorkerCounts {
             .bytes_backend_to_client
             .wrapping_add(other.bytes_backend_to_client);
         self.connect_failures = self.connect_failures.wrapping_add(other.connect_failures);
+        self.connect_local_errors = self
+            .connect_local_errors
+            .wrapping_add(other.connect_local_errors);
         self.accept_errors = self.accept_errors.wrapping_add(other.accept_errors);
         self.buffer_ring_exhausted = self
             .buffer_ring_exhausted
@@ -657,6 +671,12 @@ pub fn render_prometheus(
         "connect_failures_total",
         "Backend connect attempts that failed or timed out.",
         total.connect_failures,
+    );
+    render_counter(
+        out,
+        "connect_local_errors_total",
+        "Backend connects that failed for lack of a local port, descriptor or memory.",
+        total.connect_local_errors,
     );
     render_counter(
         out,
@@ -1000,6 +1020,7 @@ mod tests {
         w.bytes_client_to_backend(100);
         w.bytes_backend_to_client(1000);
         w.connect_failed();
+        w.connect_local_error();
         w.accept_error();
         w.buffer_ring_exhausted();
         w.connected(Duration::from_micros(300)); // le 0.0005
@@ -1063,6 +1084,7 @@ mod tests {
             2000.0
         );
         assert_eq!(v("ringway_connect_failures_total", &[]), 2.0);
+        assert_eq!(v("ringway_connect_local_errors_total", &[]), 2.0);
         assert_eq!(v("ringway_accept_errors_total", &[]), 2.0);
         assert_eq!(v("ringway_buffer_ring_exhausted_total", &[]), 2.0);
 

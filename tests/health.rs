@@ -914,6 +914,117 @@ fn passive_checks_take_a_refusing_backend_down_and_retry_it_after_fail_timeout()
     );
 }
 
+/// The line that says every backend is down and those down by passive checks are tried anyway.
+const PASSIVE_OVERRIDE: &str = "every backend is down, some by passive checks alone";
+
+/// Default flags, one backend that refuses connections: passive checks take it down, but that
+/// must not turn clients away without a try. Each client is closed at once (its connect is
+/// refused, nothing hangs), the override is logged once, and when the backend comes back the
+/// next client is served at once, not `--fail-timeout` (10 s) later.
+#[test]
+fn a_single_refusing_backend_closes_clients_at_once_and_serves_again_as_soon_as_it_is_back() {
+    let mut d = Server::not_started(dead_addr(), GOOD_PONG);
+    let proxy = Proxy::start(&args(&[d.name()], &[]));
+    let down = format!("backend {} is DOWN (passive", d.name());
+    let ips = client_ips(60, 10);
+    for &ip in &ips {
+        if let Err(e) = closed_promptly(&proxy, ip) {
+            panic!(
+                "with its one backend refusing: {e}\n{}",
+                proxy.stderr_tail()
+            );
+        }
+    }
+    assert!(
+        wait_log(&proxy, &down, NOTICE_BOUND),
+        "10 refused connects and no `{down}` line\n{}",
+        proxy.stderr_tail()
+    );
+    // Marked down, it is still tried: clients are still closed at once.
+    for &ip in &ips {
+        if let Err(e) = closed_promptly(&proxy, ip) {
+            panic!(
+                "with its one backend down by passive checks: {e}\n{}",
+                proxy.stderr_tail()
+            );
+        }
+    }
+    d.restart();
+    let back = Instant::now();
+    for &ip in &ips {
+        assert_eq!(served(&proxy, ip), d.name());
+    }
+    assert!(
+        back.elapsed() < Duration::from_secs(5),
+        "serving {} clients took {:?} after the backend came back",
+        ips.len(),
+        back.elapsed()
+    );
+    // Logged once when it started, not for each client.
+    assert_eq!(
+        proxy.stderr().matches(PASSIVE_OVERRIDE).count(),
+        1,
+        "`{PASSIVE_OVERRIDE}` is not logged exactly once\n{}",
+        proxy.stderr_tail()
+    );
+}
+
+/// A backend that resets every connection it accepts, before sending a byte, is making its own
+/// choice (iperf3 after an upload, sshd over MaxStartups): it stays up and keeps getting its
+/// clients. Flags make passive checks as sensitive as they go (one failure takes a backend
+/// down), and a healthy second backend stands by, so any such failure would show.
+#[test]
+fn a_backend_resetting_connections_it_accepted_stays_up() {
+    let resetter = Backend::start(Kind::Reset { prefix: 0, read: 0 });
+    let other = Server::start(GOOD_PONG);
+    let names = [resetter.arg(), other.name()];
+    let ips = client_ips(70, 40);
+    let ip_texts: Vec<String> = ips.iter().map(|ip| ip.to_string()).collect();
+    let resetter_clients: Vec<IpAddr> = show_mapping(&names, &[], &ip_texts)
+        .into_iter()
+        .filter(|(_, backend)| *backend == resetter.arg())
+        .map(|(ip, _)| ip.parse().unwrap())
+        .collect();
+    assert!(
+        resetter_clients.len() >= 3,
+        "--show-mapping maps only {} of 40 clients to the resetting backend",
+        resetter_clients.len()
+    );
+    let proxy = Proxy::start(&args(&names, &["--max-fails", "1", "--retries", "0"]));
+    for (n, &ip) in resetter_clients.iter().cycle().take(12).enumerate() {
+        let mut s = connect_from(ip, proxy.addr)
+            .unwrap_or_else(|e| panic!("connect from {ip}: {e}\n{}", proxy.stderr_tail()));
+        let _ = s.write_all(b"HI\n");
+        if let Err(e) = expect_closed(&mut s, CLOSE_TIMEOUT) {
+            panic!(
+                "client {ip} of the resetting backend: {e}\n{}",
+                proxy.stderr_tail()
+            );
+        }
+        // Every client reached it: it was never taken out of rotation.
+        assert!(
+            wait_until(CLOSE_TIMEOUT, || resetter
+                .stats
+                .accepted
+                .load(Ordering::SeqCst)
+                > n),
+            "client {} of the resetting backend never reached it\n{}",
+            n + 1,
+            proxy.stderr_tail()
+        );
+    }
+    assert!(
+        !proxy.stderr().contains("is DOWN"),
+        "a backend was taken down for resetting connections it accepted\n{}",
+        proxy.stderr_tail()
+    );
+    assert_eq!(
+        other.flows(),
+        0,
+        "with --retries 0 nothing was redispatched"
+    );
+}
+
 /// `--health-send`/`--health-expect`: a backend that accepts connections but answers the
 /// probe wrongly is taken down and gets no new flows; the ones answering right stay up.
 #[test]

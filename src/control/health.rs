@@ -1,9 +1,20 @@
 //! Backend health: the per-backend up/down state machine (pure, HAProxy's rise/fall plus
-//! nginx's max_fails/fail_timeout) and the thread that runs active checks.
+//! nginx's max_fails/fail_timeout), which connect errors count as evidence against a backend,
+//! which backends new flows may use, and the thread that runs active checks.
 //!
 //! Active checks are TCP connects (optionally a probe sent and the reply's first bytes
 //! compared) from a thread of their own, so a slow or black-holed backend can never delay the
 //! control thread or a worker. Results go to the control thread as events; it owns the state.
+//!
+//! Passive evidence is deliberately narrow. Only a connect that the backend (or the network on
+//! the way) refused, left unanswered until `--connect-timeout`, or that found no route counts:
+//! that is what "this backend cannot take connections" looks like, and what HAProxy's
+//! `observe layer4` and nginx's `max_fails` count. A backend closing or resetting a connection
+//! it accepted is its own choice (iperf3 resets its data streams after an upload, sshd resets
+//! logins over `MaxStartups`, servers shed load), and a connect that failed for want of local
+//! ports, descriptors or memory says nothing about the backend: neither counts. And passive
+//! evidence alone never leaves new flows without a backend (nginx with a single server,
+//! Envoy's panic threshold): see [`routable`].
 
 use std::collections::{HashSet, VecDeque};
 use std::io::{Read, Write};
@@ -16,13 +27,60 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::config::HealthConfig;
 
+/// What a failed backend connect says about the backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectFailure {
+    /// Refused, timed out (`--connect-timeout`), or no route to the backend: evidence that it
+    /// cannot take connections, counted by passive checks.
+    Backend,
+    /// This host ran short: no local port for the connection (`EADDRNOTAVAIL`, `EADDRINUSE`),
+    /// no descriptor, buffer or memory. Counted as a local error, never against the backend.
+    Local,
+    /// Anything else (a local firewall rule, an unexpected errno): counted as a failed connect,
+    /// but not held against the backend.
+    Other,
+}
+
+/// Classifies the errno of a failed backend connect (or of creating its socket). `ECANCELED`
+/// is the connect's linked timeout firing: the caller must already have ruled out a cancel
+/// because the flow itself was closing.
+pub fn classify_connect_error(errno: i32) -> ConnectFailure {
+    match errno {
+        libc::ECONNREFUSED
+        | libc::ETIMEDOUT
+        | libc::ECANCELED
+        | libc::EHOSTUNREACH
+        | libc::ENETUNREACH
+        | libc::EHOSTDOWN
+        | libc::ENETDOWN => ConnectFailure::Backend,
+        libc::EADDRNOTAVAIL
+        | libc::EADDRINUSE
+        | libc::EMFILE
+        | libc::ENFILE
+        | libc::ENOBUFS
+        | libc::ENOMEM
+        | libc::EAGAIN => ConnectFailure::Local,
+        _ => ConnectFailure::Other,
+    }
+}
+
+/// Why a backend is down. Only a passive verdict may be overridden when nothing else is left.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DownCause {
+    /// `--fall` active checks failed in a row.
+    Checks,
+    /// `--max-fails` failed connects within `--fail-timeout`.
+    Passive,
+}
+
 /// Up/down state of one backend.
 #[derive(Clone, Debug)]
 pub struct Health {
-    up: bool,
+    /// `None` while up.
+    down: Option<DownCause>,
     ok_streak: u32,
     fail_streak: u32,
-    /// Times of recent passive failures (failed connects, early resets), oldest first.
+    /// Times of recent failed connects counted as evidence, oldest first.
     passive: VecDeque<Instant>,
     /// When a passive failure took the backend down (for recovery without active checks).
     down_since: Option<Instant>,
@@ -38,7 +96,7 @@ impl Health {
     /// Backends start up, as in HAProxy: traffic flows at once and checks take a dead one down.
     pub fn new() -> Health {
         Health {
-            up: true,
+            down: None,
             ok_streak: 0,
             fail_streak: 0,
             passive: VecDeque::new(),
@@ -47,30 +105,39 @@ impl Health {
     }
 
     pub fn is_up(&self) -> bool {
-        self.up
+        self.down.is_none()
     }
 
-    /// An active check finished. Returns the new state when it changed.
+    /// Why it is down; `None` while up.
+    pub fn down_cause(&self) -> Option<DownCause> {
+        self.down
+    }
+
+    /// An active check finished. Returns the new state when it changed: `Some(true)` up,
+    /// `Some(false)` down, also when failing checks confirm a backend that passive checks had
+    /// taken down (it is then down by checks, and stays out even when nothing else is left).
     pub fn on_check(&mut self, ok: bool, config: &HealthConfig) -> Option<bool> {
         if ok {
             self.ok_streak += 1;
             self.fail_streak = 0;
-            if !self.up && self.ok_streak >= config.rise {
-                return Some(self.set(true));
+            if !self.is_up() && self.ok_streak >= config.rise {
+                return Some(self.set(None));
             }
         } else {
             self.fail_streak += 1;
             self.ok_streak = 0;
-            if self.up && self.fail_streak >= config.fall {
-                return Some(self.set(false));
+            if self.down != Some(DownCause::Checks) && self.fail_streak >= config.fall {
+                return Some(self.set(Some(DownCause::Checks)));
             }
         }
         None
     }
 
-    /// A flow failed to connect or was reset before the backend sent a byte.
+    /// A flow's connect failed with evidence against the backend ([`ConnectFailure::Backend`]).
+    /// Failures while it is down are not kept (flows still reach it when nothing else is left):
+    /// back up, it gets a fresh `--max-fails` window, and the record stays small.
     pub fn on_passive_failure(&mut self, now: Instant, config: &HealthConfig) -> Option<bool> {
-        if config.max_fails == 0 {
+        if config.max_fails == 0 || !self.is_up() {
             return None;
         }
         self.passive.push_back(now);
@@ -81,11 +148,11 @@ impl Health {
         {
             self.passive.pop_front();
         }
-        if self.up && self.passive.len() >= config.max_fails as usize {
+        if self.is_up() && self.passive.len() >= config.max_fails as usize {
             self.passive.clear();
             self.ok_streak = 0;
             self.down_since = Some(now);
-            return Some(self.set(false));
+            return Some(self.set(Some(DownCause::Passive)));
         }
         None
     }
@@ -93,22 +160,60 @@ impl Health {
     /// Without active checks nothing would ever bring a passively failed backend back: like
     /// nginx, try it again after `fail_timeout`.
     pub fn on_tick(&mut self, now: Instant, config: &HealthConfig) -> Option<bool> {
-        match (config.interval, self.down_since) {
-            (None, Some(since)) if !self.up && now.duration_since(since) >= config.fail_timeout => {
-                Some(self.set(true))
+        match (config.interval, self.down, self.down_since) {
+            (None, Some(DownCause::Passive), Some(since))
+                if now.duration_since(since) >= config.fail_timeout =>
+            {
+                Some(self.set(None))
             }
             _ => None,
         }
     }
 
-    fn set(&mut self, up: bool) -> bool {
-        self.up = up;
+    /// Returns whether it is now up.
+    fn set(&mut self, down: Option<DownCause>) -> bool {
+        self.down = down;
         self.ok_streak = 0;
         self.fail_streak = 0;
-        if up {
+        if down.is_none() {
             self.down_since = None;
         }
-        up
+        down.is_none()
+    }
+}
+
+/// Which backends new flows may use.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Routable {
+    /// `usable[i]`: backend i may take new flows (the snapshot's mask).
+    pub usable: Vec<bool>,
+    /// Every backend is down, and at least one only by passive evidence: those are used anyway.
+    pub passive_override: bool,
+}
+
+/// The mask of backends new flows may use: the ones that are up (backups included: a backup
+/// that is up is what backups are for). When none is up, passive evidence alone must not turn
+/// every client away, so the backends that only passive checks took down are used again (a
+/// client of a backend that really refuses is still closed at once, after its connect is
+/// refused, rather than refused without a try); a backend that active checks took down stays
+/// out.
+pub fn routable<'a>(states: impl IntoIterator<Item = &'a Health>) -> Routable {
+    let causes: Vec<Option<DownCause>> = states.into_iter().map(Health::down_cause).collect();
+    let up: Vec<bool> = causes.iter().map(Option::is_none).collect();
+    if up.iter().any(|&u| u) {
+        return Routable {
+            usable: up,
+            passive_override: false,
+        };
+    }
+    let passive_only: Vec<bool> = causes
+        .iter()
+        .map(|c| *c == Some(DownCause::Passive))
+        .collect();
+    let passive_override = passive_only.iter().any(|&p| p);
+    Routable {
+        usable: if passive_override { passive_only } else { up },
+        passive_override,
     }
 }
 
@@ -333,6 +438,32 @@ mod tests {
     }
 
     #[test]
+    fn failures_while_down_do_not_count_once_it_is_back() {
+        let c = HealthConfig {
+            interval: None,
+            ..config()
+        };
+        let mut h = Health::new();
+        let t0 = Instant::now();
+        h.on_passive_failure(t0, &c);
+        assert_eq!(h.on_passive_failure(t0, &c), Some(false));
+        let later = t0 + Duration::from_secs(9);
+        for _ in 0..1000 {
+            assert_eq!(h.on_passive_failure(later, &c), None);
+        }
+        assert_eq!(h.on_tick(t0 + Duration::from_secs(10), &c), Some(true));
+        assert_eq!(
+            h.on_passive_failure(t0 + Duration::from_secs(11), &c),
+            None,
+            "one failure after coming back is not --max-fails 2"
+        );
+        assert_eq!(
+            h.on_passive_failure(t0 + Duration::from_secs(11), &c),
+            Some(false)
+        );
+    }
+
+    #[test]
     fn passive_checks_can_be_disabled() {
         let c = HealthConfig {
             max_fails: 0,
@@ -343,6 +474,144 @@ mod tests {
             assert_eq!(h.on_passive_failure(Instant::now(), &c), None);
         }
         assert!(h.is_up());
+    }
+
+    #[test]
+    fn only_refused_timed_out_and_unreachable_connects_are_evidence() {
+        for errno in [
+            libc::ECONNREFUSED,
+            libc::ETIMEDOUT,
+            libc::ECANCELED, // the linked --connect-timeout fired
+            libc::EHOSTUNREACH,
+            libc::ENETUNREACH,
+        ] {
+            assert_eq!(
+                classify_connect_error(errno),
+                ConnectFailure::Backend,
+                "{errno}"
+            );
+        }
+        // Running out of local ports (connect, or bind with --source), descriptors or memory.
+        for errno in [
+            libc::EADDRNOTAVAIL,
+            libc::EADDRINUSE,
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ENOBUFS,
+            libc::ENOMEM,
+        ] {
+            assert_eq!(
+                classify_connect_error(errno),
+                ConnectFailure::Local,
+                "{errno}"
+            );
+        }
+        for errno in [libc::EPERM, libc::EACCES, libc::ECONNRESET, libc::EINVAL] {
+            assert_eq!(
+                classify_connect_error(errno),
+                ConnectFailure::Other,
+                "{errno}"
+            );
+        }
+    }
+
+    #[test]
+    fn failing_checks_confirm_a_passive_down_and_passing_ones_end_it() {
+        let c = config();
+        let mut h = Health::new();
+        let t0 = Instant::now();
+        h.on_passive_failure(t0, &c);
+        assert_eq!(h.on_passive_failure(t0, &c), Some(false));
+        assert_eq!(h.down_cause(), Some(DownCause::Passive));
+        assert_eq!(h.on_check(false, &c), None);
+        assert_eq!(h.on_check(false, &c), None);
+        assert_eq!(
+            h.on_check(false, &c),
+            Some(false),
+            "--fall failed checks make it down by checks"
+        );
+        assert_eq!(h.down_cause(), Some(DownCause::Checks));
+        assert_eq!(h.on_check(false, &c), None, "reported once");
+        assert_eq!(h.on_check(true, &c), None);
+        assert_eq!(h.on_check(true, &c), Some(true));
+        assert_eq!(h.down_cause(), None);
+    }
+
+    /// Healths in the given states: `u` up, `p` down by passive checks, `c` down by checks.
+    fn states(spec: &str) -> Vec<Health> {
+        let c = config();
+        spec.chars()
+            .map(|state| {
+                let mut h = Health::new();
+                let now = Instant::now();
+                match state {
+                    'u' => {}
+                    'p' => {
+                        h.on_passive_failure(now, &c);
+                        h.on_passive_failure(now, &c);
+                    }
+                    'c' => {
+                        for _ in 0..c.fall {
+                            h.on_check(false, &c);
+                        }
+                    }
+                    other => panic!("state {other:?}"),
+                }
+                h
+            })
+            .collect()
+    }
+
+    fn routable_for(spec: &str) -> Routable {
+        routable(&states(spec))
+    }
+
+    #[test]
+    fn backends_down_by_passive_evidence_stay_out_while_another_is_up() {
+        assert_eq!(
+            routable_for("upc"),
+            Routable {
+                usable: vec![true, false, false],
+                passive_override: false
+            }
+        );
+        assert_eq!(routable_for("uu").usable, [true, true]);
+    }
+
+    #[test]
+    fn passive_evidence_alone_never_empties_the_pool() {
+        // The single backend of nginx's rule, and a whole set.
+        assert_eq!(
+            routable_for("p"),
+            Routable {
+                usable: vec![true],
+                passive_override: true
+            }
+        );
+        assert_eq!(routable_for("pp").usable, [true, true]);
+        // Backends that active checks took down stay down, even then.
+        assert_eq!(
+            routable_for("cpc"),
+            Routable {
+                usable: vec![false, true, false],
+                passive_override: true
+            }
+        );
+        // When every backend failed its checks, nothing is used: clients are closed at once.
+        assert_eq!(
+            routable_for("cc"),
+            Routable {
+                usable: vec![false, false],
+                passive_override: false
+            }
+        );
+        assert_eq!(
+            routable_for(""),
+            Routable {
+                usable: vec![],
+                passive_override: false
+            }
+        );
     }
 
     #[test]

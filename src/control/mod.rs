@@ -51,8 +51,8 @@ impl std::error::Error for StartError {}
 
 /// What workers tell the control thread.
 pub enum Event {
-    /// A flow failed to connect to backend `index` of `set`, or the backend reset it before
-    /// sending a byte.
+    /// A flow's connect to backend `index` of `set` failed with evidence against the backend
+    /// (refused, timed out, unreachable: `health::ConnectFailure::Backend`).
     BackendFailure { set: Arc<BackendSet>, index: usize },
     /// A worker thread ended; `panicked` if it did not end by a stop or drain.
     WorkerExited { id: usize, panicked: bool },
@@ -129,6 +129,7 @@ pub fn run(config: Config) -> Result<(), StartError> {
         view: None,
         access_log_writer: None,
         exit_error: None,
+        passive_override: false,
         config,
     };
     control.rebuild_set();
@@ -183,6 +184,8 @@ struct Controller {
     access_log_writer: Option<JoinHandle<()>>,
     /// Set when a worker died: the process stops and exits non-zero.
     exit_error: Option<String>,
+    /// Every backend is down and those down by passive evidence alone take flows anyway.
+    passive_override: bool,
 }
 
 impl Controller {
@@ -215,8 +218,8 @@ impl Controller {
     }
 
     fn snapshot(&self) -> Arc<Snapshot> {
-        let healthy = self.entries.iter().map(|e| e.health.is_up()).collect();
-        Arc::new(Snapshot::new(Arc::clone(&self.set), healthy, self.policy))
+        let usable = health::routable(self.entries.iter().map(|e| &e.health)).usable;
+        Arc::new(Snapshot::new(Arc::clone(&self.set), usable, self.policy))
     }
 
     /// Sends every worker the current snapshot and waits (up to a second) until each routes by
@@ -584,7 +587,7 @@ impl Controller {
             .on_passive_failure(Instant::now(), config)
         {
             let detail = format!(
-                "{} failed connects or early resets within {:?}",
+                "{} failed connects within {:?}",
                 config.max_fails, config.fail_timeout
             );
             self.transition(i, up, "passive", &detail);
@@ -638,7 +641,24 @@ impl Controller {
         } else {
             warn!("backend {name} is DOWN ({how}: {detail}); {healthy}/{total} healthy");
         }
-        if healthy == 0 {
+        self.log_routing();
+    }
+
+    /// Says when new flows have nowhere to go, and when (and until when) backends down by passive
+    /// evidence alone take them anyway; the override is logged once, when it starts.
+    fn log_routing(&mut self) {
+        let routable = health::routable(self.entries.iter().map(|e| &e.health));
+        if routable.passive_override && !self.passive_override {
+            warn!(
+                "every backend is down, some by passive checks alone (failed connects): new \
+                 flows still try those, so passive evidence never leaves the pool empty; \
+                 backends down by active checks stay out"
+            );
+        } else if !routable.passive_override && self.passive_override {
+            info!("passive override over: new flows use healthy backends only again");
+        }
+        self.passive_override = routable.passive_override;
+        if !routable.usable.contains(&true) {
             warn!("no backend is healthy: new flows are refused until one comes back");
         }
     }
@@ -695,6 +715,7 @@ impl Controller {
             .retain(|name, _| self.entries.iter().any(|e| e.spec.name == *name));
         let moved = moved_fraction(&old_set, &self.set);
         self.publish_and_wait();
+        self.log_routing();
         info!(
             "{why}: backends changed (added: [{}], removed: [{}], {} total); {:.1}% of keys moved",
             added.join(", "),

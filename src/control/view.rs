@@ -82,15 +82,16 @@ impl AdminView for View {
         let rows: Vec<BackendRow> = snapshot
             .backends()
             .iter()
-            .enumerate()
-            .map(|(i, b)| {
+            .map(|b| {
                 let counts = b.stats.read();
                 BackendRow {
                     name: &b.name,
                     address: b.addr,
                     weight: b.weight,
                     backup: b.backup,
-                    healthy: snapshot.healthy.get(i).copied().unwrap_or(false),
+                    // The health verdict, not the routing mask: while every backend is down
+                    // and those down by passive checks take flows anyway, they show down.
+                    healthy: counts.healthy,
                     active: counts.flows_active,
                     total: counts.flows_total,
                 }

@@ -13,6 +13,7 @@ use socket2::SockRef;
 
 use crate::balance::flow_key_hash;
 use crate::control::access_log::FlowRecord;
+use crate::control::health::{classify_connect_error, ConnectFailure};
 use crate::control::Event;
 use crate::flow::{CloseReason, Ending, Flow, Op, Phase};
 use crate::metrics::CloseKind;
@@ -135,26 +136,40 @@ impl Worker {
                         backend.stats.flow_started();
                     }
                 } else if slot.flow.phase() != Phase::Closing {
+                    // The connect itself failed (a cancel because the flow is closing, above,
+                    // says nothing); what that says about the backend is health's to decide.
+                    // A timeout shows as ECANCELED, from the linked timeout.
+                    let error = io::Error::from_raw_os_error(-res);
+                    let name = backend.map_or("?", |b| &*b.name);
+                    debug!(
+                        "flow {} -> {name}: connect failed: {error}",
+                        slot.client_addr
+                    );
                     self.stats.connect_failed();
-                    if let Some(backend) = backend {
-                        backend.stats.connect_failed();
-                    }
-                }
-                if res < 0 {
-                    if let (Some(i), Some(set)) = (slot.backend_index, &slot.backend_set) {
-                        debug!(
-                            "flow {} -> {}: connect failed: {}",
-                            slot.client_addr,
-                            set.backends.get(i).map_or("?", |b| &*b.name),
-                            io::Error::from_raw_os_error(-res)
-                        );
-                        // A connect cancelled because the flow is closing says nothing about
-                        // the backend; a timeout (also ECANCELED, from the linked timeout) does.
-                        if slot.flow.phase() != Phase::Closing {
-                            let _ = self.events.try_send(Event::BackendFailure {
-                                set: Arc::clone(set),
-                                index: i,
+                    match classify_connect_error(-res) {
+                        ConnectFailure::Local => {
+                            self.stats.connect_local_error();
+                            let client = slot.client_addr;
+                            self.socket_errors.warn(|suppressed| {
+                                format!(
+                                    "flow {client} -> {name}: connect failed: {error}: {} \
+                                     ({suppressed} more since last report)",
+                                    local_error_hint(-res)
+                                )
                             });
+                        }
+                        failure => {
+                            if let Some(backend) = backend {
+                                backend.stats.connect_failed();
+                            }
+                            if let (ConnectFailure::Backend, Some(i), Some(set)) =
+                                (failure, slot.backend_index, &slot.backend_set)
+                            {
+                                let _ = self.events.try_send(Event::BackendFailure {
+                                    set: Arc::clone(set),
+                                    index: i,
+                                });
+                            }
                         }
                     }
                 }
@@ -259,15 +274,9 @@ impl Worker {
                 reason: kind,
             });
         }
-        if let (CloseReason::BackendReset, 0, Some(i), Some(set)) =
-            (ending.reason, down, slot.backend_index, &slot.backend_set)
-        {
-            // Reset before sending a byte: as suspicious as a failed connect.
-            let _ = self.events.try_send(Event::BackendFailure {
-                set: Arc::clone(set),
-                index: i,
-            });
-        }
+        // A backend resetting a flow it accepted is not reported to health checks, not even
+        // before its first byte: it is the server's choice (iperf3 after an upload, sshd over
+        // MaxStartups, load shedding), not evidence that it cannot take connections.
         debug!(
             "flow {} -> {} closed ({:?}): {} bytes up, {} bytes down, {} connect attempts",
             slot.client_addr,
@@ -370,5 +379,21 @@ impl Worker {
             self.apply(index as usize, &mut ops);
             self.ops = ops;
         }
+    }
+}
+
+/// What to do about a connect that failed for lack of a local resource: it is this host's
+/// shortage, not the backend's failure, so the warning names the local fix.
+pub(super) fn local_error_hint(errno: i32) -> &'static str {
+    match errno {
+        libc::EADDRNOTAVAIL | libc::EADDRINUSE => {
+            "out of local ports towards this backend; not held against it. Add --source \
+             addresses or widen net.ipv4.ip_local_port_range"
+        }
+        libc::EMFILE | libc::ENFILE => {
+            "out of file descriptors; not held against the backend. Raise the open-file limit \
+             (LimitNOFILE, fs.file-max) or lower --max-conns"
+        }
+        _ => "the kernel is short of memory or buffers; not held against the backend",
     }
 }

@@ -8,9 +8,11 @@ use std::time::Instant;
 
 use io_uring::{opcode, squeue, types};
 
+use crate::control::health::{classify_connect_error, ConnectFailure};
 use crate::flow::{CloseReason, Data, Op, Side, Target, TIGHT_RECV_BYTES};
 use crate::proxy_protocol;
 
+use super::flows::local_error_hint;
 use super::token::{Kind, Token};
 use super::{timespec, Slot, Worker};
 
@@ -247,11 +249,28 @@ impl Worker {
             {
                 Ok(socket) => socket,
                 Err(e) => {
+                    // Creating or binding a socket fails only for local reasons: counted and
+                    // logged, never reported against the backend.
+                    let errno = e.raw_os_error().unwrap_or(0);
+                    let hint = match classify_connect_error(errno) {
+                        // The port is chosen at connect (IP_BIND_ADDRESS_NO_PORT): here it
+                        // means the address itself is missing.
+                        ConnectFailure::Local if errno == libc::EADDRNOTAVAIL => {
+                            self.stats.connect_local_error();
+                            "the --source address is not on this host; not held against the \
+                             backend"
+                        }
+                        ConnectFailure::Local => {
+                            self.stats.connect_local_error();
+                            local_error_hint(errno)
+                        }
+                        _ => "not held against the backend",
+                    };
                     let client = slot.client_addr;
                     self.socket_errors.warn(|suppressed| {
                         format!(
-                            "flow {client}: cannot open a socket to {}: {e} ({suppressed} more \
-                             since last report)",
+                            "flow {client}: cannot open a socket to {}: {e}: {hint} \
+                             ({suppressed} more since last report)",
                             target.name
                         )
                     });
