@@ -14,6 +14,9 @@ use crate::flow::{CloseReason, Phase};
 use super::token::{Kind, Token};
 use super::{AcceptState, Command, Slot, Worker};
 
+/// Idle flows closed per event-loop turn at most (see `expire_due`).
+const EXPIRE_BATCH: usize = 256;
+
 impl Worker {
     pub(super) fn arm_wake(&mut self) {
         let entry = opcode::Read::new(
@@ -126,6 +129,42 @@ impl Worker {
         );
     }
 
+    /// Closes the flows of due timers whose idle time really ran out (the others are filed
+    /// again), at most `EXPIRE_BATCH` a call: when thousands time out together, each event-loop
+    /// turn closes one batch and still serves every other completion, so live flows never wait
+    /// for the whole wave. The loop does not sleep while some are left (`has_expiry_backlog`).
+    pub(super) fn expire_due(&mut self) {
+        let now = self.timers.now();
+        let take = self.due.len().min(EXPIRE_BATCH);
+        let batch: Vec<(u32, u32)> = self.due.drain(self.due.len() - take..).collect();
+        for (index, generation) in batch {
+            let Some(slot) = self.slots.get_mut(index as usize) else {
+                continue;
+            };
+            if slot.generation != generation || slot.flow.phase() == Phase::Closing {
+                continue;
+            }
+            let Some(idle) = self.idle_ticks else {
+                continue;
+            };
+            let deadline = slot.last_active + idle;
+            if deadline <= now {
+                debug!("flow {}: idle timeout", slot.client_addr);
+                let mut ops = std::mem::take(&mut self.ops);
+                slot.flow.abort(CloseReason::IdleTimeout, &mut ops);
+                self.apply(index as usize, &mut ops);
+                self.ops = ops;
+            } else {
+                self.timers.schedule(deadline, (index, generation));
+            }
+        }
+    }
+
+    /// Timers are due that `expire_due` has not handled yet.
+    pub(super) fn has_expiry_backlog(&self) -> bool {
+        !self.due.is_empty()
+    }
+
     /// The buffer pool is tight: flows that moved no byte for a whole tick give back the ring
     /// buffers their stalled sends hold (their bytes move to a heap spill of their exact size),
     /// so a crowd of readers that never read cannot starve other flows of buffers.
@@ -170,30 +209,12 @@ impl Worker {
 
     pub(super) fn on_tick(&mut self) {
         let now = (self.started.elapsed().as_nanos() / self.tick.as_nanos()) as u64;
+        // Timers that fell due join the queue that `expire_due` works through a batch per
+        // event-loop turn.
         let mut due = std::mem::take(&mut self.due);
         self.timers.advance(now, &mut due);
-        for (index, generation) in due.drain(..) {
-            let Some(slot) = self.slots.get_mut(index as usize) else {
-                continue;
-            };
-            if slot.generation != generation || slot.flow.phase() == Phase::Closing {
-                continue;
-            }
-            let Some(idle) = self.idle_ticks else {
-                continue;
-            };
-            let deadline = slot.last_active + idle;
-            if deadline <= now {
-                debug!("flow {}: idle timeout", slot.client_addr);
-                let mut ops = std::mem::take(&mut self.ops);
-                slot.flow.abort(CloseReason::IdleTimeout, &mut ops);
-                self.apply(index as usize, &mut ops);
-                self.ops = ops;
-            } else {
-                self.timers.schedule(deadline, (index, generation));
-            }
-        }
         self.due = due;
+        self.expire_due();
         if self.bufring.tight() {
             self.reclaim_stalled(now);
         }

@@ -324,7 +324,9 @@ impl Worker {
             {
                 return Ok(());
             }
-            match self.ring.submit_and_wait(1) {
+            // With idle flows still to close, only collect what is ready and come back.
+            let wait = usize::from(!self.has_expiry_backlog());
+            match self.ring.submit_and_wait(wait) {
                 Ok(_) => self.retired.clear(),
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
                 // The completion queue overflowed: reap before submitting more.
@@ -339,6 +341,9 @@ impl Worker {
                 let (user_data, res, flags) = self.completions[next];
                 next += 1;
                 self.on_completion(user_data, res, flags);
+            }
+            if self.has_expiry_backlog() {
+                self.expire_due();
             }
         }
     }
