@@ -1,7 +1,8 @@
 //! Stopping: whatever optional threads run (active health checks, DNS refresh, the backends-file
 //! watch, the admin endpoint, the access-log writer), the first SIGTERM ends the process with
 //! status 0 within a few seconds once its flows are done, and a second SIGTERM ends it at once
-//! even with a flow still open.
+//! even with a flow still open. A thread that cannot end (an access-log writer blocked on a
+//! full pipe) delays the exit by a bounded time only, and not at all after a second SIGTERM.
 //!
 //! Each proxy carries one flow before it is signalled, so the workers and the access-log writer
 //! have done real work. Every wait is for the process to exit (or a log line), with a deadline.
@@ -256,5 +257,116 @@ fn second_sigterm_stops_at_once_with_a_live_flow_and_every_optional_thread() {
     assert!(
         log.lines().any(|l| l.contains("\"reason\":\"shutdown\"")),
         "no access-log line for the flow the second SIGTERM closed: {log:?}"
+    );
+}
+
+/// A proxy whose access log goes to a stdout pipe of one page that nobody reads, with more
+/// lines logged than fit: its access-log writer is stuck in write(2), as on a stuck disk or a
+/// log collector that stopped reading.
+fn proxy_with_a_stuck_access_log(fixtures: &Fixtures) -> (Proxy, std::process::ChildStdout) {
+    use std::os::fd::AsRawFd;
+
+    let (proxy, stdout) = Proxy::start_with_stdout_pipe(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "1",
+        "--backend",
+        &fixtures.backend.arg(),
+        "--access-log",
+        "-",
+    ]);
+    let fd = stdout.as_raw_fd();
+    // SAFETY: fcntl and ioctl on a pipe descriptor we own, with plain integer arguments or a
+    // pointer to a local integer that outlives the call.
+    let size = unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, 4096) };
+    assert!(
+        size > 0,
+        "F_SETPIPE_SZ: {}",
+        std::io::Error::last_os_error()
+    );
+    // About 250 bytes a line: enough lines for several pipes.
+    let flows = 4 * size as usize / 250 + 10;
+    for _ in 0..flows {
+        one_flow(&proxy).unwrap_or_else(|e| panic!("flow: {e}\n{}", proxy.stderr_tail()));
+    }
+    let queued = || {
+        let mut n: libc::c_int = 0;
+        // SAFETY: see above.
+        let rc = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) };
+        if rc == 0 {
+            n
+        } else {
+            -1
+        }
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || queued() >= size),
+        "the access log never filled the {size}-byte pipe ({} bytes in it)\n{}",
+        queued(),
+        proxy.stderr_tail()
+    );
+    (proxy, stdout)
+}
+
+/// Waits for the first SIGTERM's stop to reach the stuck writer: the wait for it is logged.
+fn signal_and_wait_for_the_stuck_writer(proxy: &Proxy) {
+    let from = proxy.stderr().lines().count();
+    wait_signal_handlers(proxy);
+    proxy.signal(libc::SIGTERM);
+    assert!(
+        wait_for_line(proxy, from, |l| l
+            .contains("for the access-log writer to end")),
+        "no line about waiting for the access-log writer (threads: {})\n{}",
+        thread_names(proxy),
+        proxy.stderr_tail()
+    );
+}
+
+#[test]
+fn second_sigterm_exits_at_once_while_the_access_log_writer_is_stuck() {
+    let fixtures = Fixtures::new();
+    let (mut proxy, _unread) = proxy_with_a_stuck_access_log(&fixtures);
+    signal_and_wait_for_the_stuck_writer(&proxy);
+    proxy.signal(libc::SIGTERM);
+    let second = Instant::now();
+    // Well within the 5 s the process would otherwise give the writer.
+    let status = proxy.wait_exit(Duration::from_secs(2));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "exit status {status:?} {:?} after the second SIGTERM (threads: {})\n{}",
+        second.elapsed(),
+        thread_names(&proxy),
+        proxy.stderr_tail()
+    );
+    assert!(
+        proxy
+            .stderr()
+            .contains("SIGTERM during shutdown: exiting without waiting for the access-log writer"),
+        "{}",
+        proxy.stderr_tail()
+    );
+}
+
+#[test]
+fn a_stuck_access_log_writer_delays_the_exit_by_a_bounded_time_only() {
+    let fixtures = Fixtures::new();
+    let (mut proxy, _unread) = proxy_with_a_stuck_access_log(&fixtures);
+    let signalled = Instant::now();
+    signal_and_wait_for_the_stuck_writer(&proxy);
+    let status = proxy.wait_exit(Duration::from_secs(15));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "exit status {status:?} {:?} after SIGTERM with the writer stuck (threads: {})\n{}",
+        signalled.elapsed(),
+        thread_names(&proxy),
+        proxy.stderr_tail()
+    );
+    assert!(
+        proxy
+            .stderr()
+            .contains("the access-log writer did not end within"),
+        "{}",
+        proxy.stderr_tail()
     );
 }

@@ -29,6 +29,8 @@ use crate::worker::Command;
 /// flight running to its timeout and a slow disk under the access log. Past it, the process
 /// exits without the threads that are left (a warning names each).
 const STOP_BUDGET: Duration = Duration::from_secs(5);
+/// How long a thread may take to end before the wait for it is logged.
+const PATIENCE: Duration = Duration::from_millis(500);
 /// How often a wait for a thread checks whether it has ended. std has no join with a timeout,
 /// and the threads come from modules that hand back plain `JoinHandle`s.
 const POLL: Duration = Duration::from_millis(5);
@@ -125,6 +127,8 @@ struct Waiter {
 
 impl Waiter {
     fn join(&mut self, name: &str, thread: JoinHandle<()>) {
+        let started = Instant::now();
+        let mut announced = false;
         loop {
             if thread.is_finished() {
                 if thread.join().is_err() {
@@ -139,6 +143,14 @@ impl Waiter {
             if left.is_zero() {
                 warn!("{name} did not end within {STOP_BUDGET:?}; exiting without it");
                 return;
+            }
+            if !announced && started.elapsed() >= PATIENCE {
+                // Tells the operator why the process is still there, and how not to wait.
+                info!(
+                    "waiting up to {left:.1?} more for {name} to end \
+                     (SIGTERM again exits now)"
+                );
+                announced = true;
             }
             select! {
                 recv(self.signals) -> signal => match signal {
