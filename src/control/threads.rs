@@ -3,14 +3,8 @@
 //! through it (commands to workers, targets to the health checker), and [`Threads::shutdown`]
 //! is the one place that ends them all.
 //!
-//! | thread | started by | told to end by | ends when |
-//! | --- | --- | --- | --- |
-//! | `ringway-signals` | `run`, first | `SignalThread::stop` (last) | at once |
-//! | `ringway-wN` workers | start-up | `Drain`/`Stop` commands | flows closed |
-//! | `ringway-log` access-log writer | start-up | the last `AccessLog` sender dropping (the workers') | queue flushed |
-//! | `ringway-admin*` | start-up | `AdminServer::stop` | at once, or its request's deadline |
-//! | `ringway-health`, `ringway-check*` | start-up | its target channel dropping | checks in flight time out |
-//! | `ringway-dns` | start-up | its stop channel dropping | a query in flight times out |
+//! Which thread is started where, what tells it to end and what it holds is drawn in
+//! docs/architecture.md ("Who owns which thread"); `shutdown` below documents the order.
 
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
