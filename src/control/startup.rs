@@ -25,7 +25,7 @@ use super::threads::{DnsRefresher, HealthChecker, Threads};
 use super::view::View;
 use super::StartError;
 use crate::access_log;
-use crate::config::{Config, ProxyVersion};
+use crate::config::{Config, HealthConfig, ProxyVersion};
 use crate::metrics::WorkerStatsWriter;
 use crate::net;
 use crate::worker::{Edge, Settings, WorkerSetup};
@@ -236,7 +236,7 @@ fn flow_limit(config: &Config, workers: usize) -> usize {
 /// The health-check settings as the checker uses them. Backends behind --send-proxy expect a
 /// PROXY header first; checks announce themselves as LOCAL (v2) / UNKNOWN (v1), as HAProxy's
 /// check-send-proxy does.
-fn check_config(config: &Config) -> crate::config::HealthConfig {
+fn check_config(config: &Config) -> HealthConfig {
     let mut check = config.health.clone();
     let mut prefix = Vec::new();
     match config.edge.send_proxy {
