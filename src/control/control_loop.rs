@@ -67,6 +67,7 @@ impl Control {
         while running > 0 {
             select! {
                 recv(signals) -> signal => {
+                    // The signal thread is stopped only after this loop: not expected.
                     let Ok(signal) = signal else { break };
                     if signal == SIGHUP {
                         self.reload("SIGHUP", threads);
@@ -115,6 +116,7 @@ impl Control {
                     Ok(Event::BackendFailure { set, index }) => {
                         self.on_backend_failure(&set, index, threads)
                     }
+                    // Every worker is gone, one without reporting it (its report timed out).
                     Err(_) => break,
                 },
                 recv(self.checks) -> result => match result {

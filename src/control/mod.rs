@@ -3,17 +3,17 @@
 //!
 //! | module | one idea |
 //! | --- | --- |
-//! | [`signals`] | the signal thread, installed before anything else starts |
-//! | [`startup`] | binding, opening, starting every thread, in an order that fails early |
-//! | [`threads`] | `Threads`: owns every thread and what tells it to end; `shutdown` |
-//! | [`workers`] | command channels and wake pipes to the workers |
-//! | [`control_loop`] | signals, worker events, checks, DNS, tick; serving -> draining -> stopping |
-//! | [`backends`] | the running backend list, its health, counters and selection structures |
-//! | [`reload`] | backends file and DNS changes applied to the running set |
-//! | [`transitions`] | health changes from checks, passive failures and time |
-//! | [`health`] | the up/down state machine and the active-check thread |
-//! | [`sources`] | where backends come from; the DNS refresh thread |
-//! | [`admin`], [`view`] | the admin HTTP endpoint and what it shows |
+//! | `signals` | the signal thread, installed before anything else starts |
+//! | `startup` | binding, opening, starting every thread, in an order that fails early |
+//! | `threads` | `Threads`: owns every thread and what tells it to end; `shutdown` |
+//! | `workers` | command channels and wake pipes to the workers |
+//! | `control_loop` | signals, worker events, checks, DNS, tick; serving -> draining -> stopping |
+//! | `backends` | the running backend list, its health, counters and selection structures |
+//! | `reload` | backends file and DNS changes applied to the running set |
+//! | `transitions` | health changes from checks, passive failures and time |
+//! | `health` | the up/down state machine and the active-check thread |
+//! | `sources` | where backends come from; the DNS refresh thread |
+//! | `admin`, `view` | the admin HTTP endpoint and what it shows |
 //!
 //! Workers get commands over crossbeam channels, each followed by a byte on the worker's wake
 //! pipe so its ring notices at once. Workers report to the control thread (`crate::events`) on
