@@ -165,3 +165,72 @@ impl Waiter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use signal_hook::consts::{SIGHUP, SIGTERM};
+
+    /// A thread that runs until `release` is dropped or sent to.
+    fn blocked_thread() -> (JoinHandle<()>, Sender<()>) {
+        let (release, wait) = crossbeam_channel::bounded::<()>(0);
+        let thread = std::thread::spawn(move || {
+            let _ = wait.recv();
+        });
+        (thread, release)
+    }
+
+    fn waiter(within: Duration) -> (Waiter, Sender<i32>) {
+        let (send, signals) = crossbeam_channel::unbounded();
+        let waiter = Waiter {
+            signals,
+            deadline: Instant::now() + within,
+            abandoned: false,
+        };
+        (waiter, send)
+    }
+
+    #[test]
+    fn a_thread_that_ends_is_joined() {
+        let (mut waiter, _signals) = waiter(Duration::from_secs(30));
+        let (thread, release) = blocked_thread();
+        drop(release);
+        waiter.join("test thread", thread);
+        assert!(!waiter.abandoned);
+    }
+
+    #[test]
+    fn a_stuck_thread_is_left_behind_at_the_deadline() {
+        let (mut waiter, _signals) = waiter(Duration::from_millis(100));
+        let (thread, _release) = blocked_thread();
+        let started = Instant::now();
+        waiter.join("stuck thread", thread);
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(100), "{took:?}");
+        assert!(took < Duration::from_secs(10), "{took:?}");
+    }
+
+    #[test]
+    fn sighup_does_not_end_the_wait() {
+        let (mut waiter, signals) = waiter(Duration::from_millis(200));
+        signals.send(SIGHUP).unwrap();
+        let (thread, _release) = blocked_thread();
+        let started = Instant::now();
+        waiter.join("stuck thread", thread);
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        assert!(!waiter.abandoned);
+    }
+
+    #[test]
+    fn a_stop_signal_abandons_this_wait_and_every_later_one() {
+        let (mut waiter, signals) = waiter(Duration::from_secs(30));
+        signals.send(SIGTERM).unwrap();
+        let started = Instant::now();
+        let (first, _release_first) = blocked_thread();
+        waiter.join("first", first);
+        assert!(waiter.abandoned);
+        let (second, _release_second) = blocked_thread();
+        waiter.join("second", second);
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+}
