@@ -17,15 +17,15 @@
 //! read, so trickling bytes does not extend it).
 //!
 //! Stopping: [`AdminServer::stop`] sets a flag and shuts the listening socket down, which makes
-//! every thread blocked in `accept` return (Linux fails a pending accept with EINVAL); each
-//! thread then sees the flag and ends. A thread in the middle of a request ends when that
-//! request does (bounded by the deadlines above). The caller joins the returned handle, with a
-//! deadline of its own.
+//! every thread blocked in `accept` return (Linux fails a pending accept with EINVAL), and shuts
+//! down the connections being answered, so a slow or silent client does not hold a thread for
+//! its deadlines. Each thread then sees the flag and ends. The caller joins the returned handle,
+//! with a deadline of its own.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -61,7 +61,7 @@ const ACCEPT_WARN_INTERVAL: Duration = Duration::from_secs(10);
 pub struct AdminServer {
     /// The first thread; the others are scoped inside it, so it ends after all of them.
     thread: JoinHandle<()>,
-    stopping: Arc<AtomicBool>,
+    stop: Arc<StopSignal>,
     /// The same socket the threads accept on (a duplicate descriptor), to shut it down.
     listener: TcpListener,
 }
@@ -69,13 +69,38 @@ pub struct AdminServer {
 impl AdminServer {
     /// Asks every admin thread to end and returns the handle that finishes when they all have.
     pub fn stop(self) -> JoinHandle<()> {
-        self.stopping.store(true, Ordering::SeqCst);
+        self.stop.stopping.store(true, Ordering::SeqCst);
         // Wakes the threads blocked in accept; they see `stopping` and return. An error here
         // (the socket is already shut) leaves nothing to wake.
         if let Err(e) = socket2::SockRef::from(&self.listener).shutdown(Shutdown::Both) {
             debug!("admin: shutting the listener down: {e}");
         }
+        // Ends the requests being answered: their reads see EOF, their writes fail.
+        for stream in self.stop.in_flight().iter().flatten() {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
         self.thread
+    }
+}
+
+/// What [`AdminServer::stop`] reaches in the serving threads.
+struct StopSignal {
+    stopping: AtomicBool,
+    /// A duplicate of the connection each thread is answering, by thread number.
+    in_flight: Mutex<Vec<Option<TcpStream>>>,
+}
+
+impl StopSignal {
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, Vec<Option<TcpStream>>> {
+        // A panic while holding the lock leaves a plain list behind: still usable.
+        self.in_flight.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records (or with `None` forgets) the connection thread `slot` answers. Recording comes
+    /// before the thread checks `stopping`, and `stop` sets `stopping` before it looks here,
+    /// so every connection is either seen by `stop` or never answered.
+    fn set_in_flight(&self, slot: usize, stream: Option<&TcpStream>) {
+        self.in_flight()[slot] = stream.and_then(|s| s.try_clone().ok());
     }
 }
 
@@ -93,39 +118,52 @@ fn spawn_with(
     // Accept must block: the listener may have been set non-blocking by whoever bound it.
     listener.set_nonblocking(false)?;
     let handle = listener.try_clone()?;
-    let stopping = Arc::new(AtomicBool::new(false));
-    let flag = Arc::clone(&stopping);
+    let stop = Arc::new(StopSignal {
+        stopping: AtomicBool::new(false),
+        in_flight: Mutex::new((0..THREADS).map(|_| None).collect()),
+    });
+    let shared = Arc::clone(&stop);
     let thread = std::thread::Builder::new()
         .name("ringway-admin".to_string())
         .spawn(move || {
-            let stopping = &*flag;
+            let (listener, view, stop) = (&listener, &*view, &*shared);
             std::thread::scope(|scope| {
                 for i in 1..THREADS {
                     let spawned = std::thread::Builder::new()
                         .name(format!("ringway-admin{i}"))
-                        .spawn_scoped(scope, || serve(&listener, &*view, deadline, stopping));
+                        .spawn_scoped(scope, move || serve(listener, view, deadline, stop, i));
                     if let Err(e) = spawned {
                         warn!("admin: cannot start a helper thread: {e}");
                         break;
                     }
                 }
-                serve(&listener, &*view, deadline, stopping);
+                serve(listener, view, deadline, stop, 0);
             })
         })?;
     Ok(AdminServer {
         thread,
-        stopping,
+        stop,
         listener: handle,
     })
 }
 
-/// Accepts and answers connections until `stopping` is set.
-fn serve(listener: &TcpListener, view: &dyn AdminView, deadline: Duration, stopping: &AtomicBool) {
+/// Accepts and answers connections until `stop.stopping` is set. `slot` is this thread's
+/// number, its place in `stop.in_flight`.
+fn serve(
+    listener: &TcpListener,
+    view: &dyn AdminView,
+    deadline: Duration,
+    stop: &StopSignal,
+    slot: usize,
+) {
     let mut last_warning: Option<Instant> = None;
     let mut suppressed = 0u64;
     loop {
         let accepted = listener.accept();
-        if stopping.load(Ordering::SeqCst) {
+        if let Ok((stream, _)) = &accepted {
+            stop.set_in_flight(slot, Some(stream));
+        }
+        if stop.stopping.load(Ordering::SeqCst) {
             return; // a connection accepted in the meantime is closed unanswered
         }
         match accepted {
@@ -133,6 +171,7 @@ fn serve(listener: &TcpListener, view: &dyn AdminView, deadline: Duration, stopp
                 if let Err(e) = handle(stream, view, deadline) {
                     debug!("admin: {peer}: {e}");
                 }
+                stop.set_in_flight(slot, None);
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
@@ -569,5 +608,35 @@ mod tests {
             "admin threads still running 10 s after stop"
         );
         assert!(TcpStream::connect(addr).is_err(), "the port still accepts");
+    }
+
+    #[test]
+    fn stop_ends_a_request_in_progress_without_waiting_for_its_deadline() {
+        let (addr, server) = start_server(Duration::from_secs(600));
+        let mut silent = TcpStream::connect(addr).unwrap();
+        silent.write_all(b"GET /met").unwrap();
+        // Wait until a thread has taken the connection and waits for the rest of the head.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while server.stop.in_flight().iter().all(Option::is_none) {
+            assert!(
+                Instant::now() < deadline,
+                "the connection was never accepted"
+            );
+            std::thread::sleep(Duration::from_millis(1)); // pacing of the check, not a wait
+        }
+        let thread = server.stop();
+        let (joined, ended) = std::sync::mpsc::channel();
+        std::thread::spawn(move || joined.send(thread.join().is_ok()));
+        assert_eq!(
+            ended.recv_timeout(Duration::from_secs(10)),
+            Ok(true),
+            "an admin thread still waits for the silent client's request 10 s after stop"
+        );
+        silent
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut rest = Vec::new();
+        let _ = silent.read_to_end(&mut rest);
+        assert!(rest.is_empty(), "answered: {rest:?}");
     }
 }
