@@ -4,12 +4,15 @@
 //! without sockets, and a thin I/O shell (`worker`, `net`, `control`) that feeds it
 //! completions from io_uring. See docs/architecture.md for the map.
 
+pub mod access_log;
 pub mod acl;
 pub mod balance;
 pub mod config;
 pub mod control;
 pub mod discovery;
+pub mod events;
 pub mod flow;
+pub mod json;
 pub mod metrics;
 pub mod net;
 pub mod proxy_protocol;

@@ -40,20 +40,9 @@
 //! [`render_prometheus`] writes the text exposition format 0.0.4; [`render_counter`] and
 //! [`render_gauge`] append extra unlabelled samples (e.g. access-log drops) after it.
 //!
-//! Metric families (all prefixed `ringway_`):
-//!
-//! | name | type | labels |
-//! |---|---|---|
-//! | `flows_accepted_total` | counter | `worker` |
-//! | `flows_active` | gauge | `worker` |
-//! | `flows_closed_total` | counter | `reason` (every [`CloseKind`], zeros included) |
-//! | `bytes_total` | counter | `direction` = `client_to_backend` / `backend_to_client` |
-//! | `connect_failures_total`, `connect_local_errors_total`, `accept_errors_total`, `buffer_ring_exhausted_total` | counter | |
-//! | `connect_duration_seconds` | histogram | |
-//! | `backend_up` | gauge 0/1 | `backend`, `backup` = `true`/`false` |
-//! | `backend_flows_active` | gauge | `backend` |
-//! | `backend_flows_total`, `backend_connect_failures_total`, `backend_health_transitions_total` | counter | `backend` |
-//! | `backend_bytes_total` | counter | `backend`, `direction` |
+//! Every name is written out in full (`ringway_...`) where it is rendered. The list of families,
+//! with types, labels and meaning, is in docs/operations.md ("Metrics and the admin endpoint");
+//! tests/operations.rs checks that list against what a running proxy exports.
 
 use std::cell::Cell;
 use std::fmt::Write as _;
@@ -514,19 +503,17 @@ pub struct BackendCounts {
 
 // ---- Prometheus text exposition ------------------------------------------------------------
 
-const PREFIX: &str = "ringway_";
-
-/// Writes `HELP` and `TYPE` for one metric family. `help` must be a single line without
-/// backslashes (all ours are literals).
+/// Writes `HELP` and `TYPE` for one metric family. `name` is the full exported name, written
+/// out at every call site (so a grep for a documented name finds the code). `help` must be a
+/// single line without backslashes (all ours are literals).
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {PREFIX}{name} {help}");
-    let _ = writeln!(out, "# TYPE {PREFIX}{name} {kind}");
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
 /// Writes one sample line. `labels` are (name, unescaped value) pairs; `suffix` is appended to
 /// the family name (`_bucket`, `_sum`, `_count` or "").
 fn sample(out: &mut String, name: &str, suffix: &str, labels: &[(&str, &str)], value: impl Value) {
-    out.push_str(PREFIX);
     out.push_str(name);
     out.push_str(suffix);
     if !labels.is_empty() {
@@ -579,13 +566,13 @@ pub fn escape_label_value(text: &str, out: &mut String) {
     }
 }
 
-/// Appends an unlabelled counter family (`ringway_` + `name`, which should end in `_total`).
+/// Appends an unlabelled counter family; `name` is the full name and should end in `_total`.
 pub fn render_counter(out: &mut String, name: &str, help: &str, value: u64) {
     family(out, name, "counter", help);
     sample(out, name, "", &[], value);
 }
 
-/// Appends an unlabelled gauge family (`ringway_` + `name`).
+/// Appends an unlabelled gauge family; `name` is the full name.
 pub fn render_gauge(out: &mut String, name: &str, help: &str, value: u64) {
     family(out, name, "gauge", help);
     sample(out, name, "", &[], value);
@@ -608,24 +595,29 @@ pub fn render_prometheus(
 
     family(
         out,
-        "flows_accepted_total",
+        "ringway_flows_accepted_total",
         "counter",
         "Client connections accepted as flows, per worker.",
     );
     for (label, counts) in worker_labels.iter().zip(&per_worker) {
         sample(
             out,
-            "flows_accepted_total",
+            "ringway_flows_accepted_total",
             "",
             &[("worker", label)],
             counts.flows_accepted,
         );
     }
-    family(out, "flows_active", "gauge", "Flows open now, per worker.");
+    family(
+        out,
+        "ringway_flows_active",
+        "gauge",
+        "Flows open now, per worker.",
+    );
     for (label, counts) in worker_labels.iter().zip(&per_worker) {
         sample(
             out,
-            "flows_active",
+            "ringway_flows_active",
             "",
             &[("worker", label)],
             counts.flows_active,
@@ -633,14 +625,14 @@ pub fn render_prometheus(
     }
     family(
         out,
-        "flows_closed_total",
+        "ringway_flows_closed_total",
         "counter",
         "Flows closed and connections refused, by reason.",
     );
     for kind in CloseKind::ALL {
         sample(
             out,
-            "flows_closed_total",
+            "ringway_flows_closed_total",
             "",
             &[("reason", kind.as_str())],
             total.flows_closed[kind.index()],
@@ -648,68 +640,68 @@ pub fn render_prometheus(
     }
     family(
         out,
-        "bytes_total",
+        "ringway_bytes_total",
         "counter",
         "Bytes relayed, by direction.",
     );
     sample(
         out,
-        "bytes_total",
+        "ringway_bytes_total",
         "",
         &[("direction", "client_to_backend")],
         total.bytes_client_to_backend,
     );
     sample(
         out,
-        "bytes_total",
+        "ringway_bytes_total",
         "",
         &[("direction", "backend_to_client")],
         total.bytes_backend_to_client,
     );
     render_counter(
         out,
-        "connect_failures_total",
+        "ringway_connect_failures_total",
         "Backend connect attempts that failed or timed out.",
         total.connect_failures,
     );
     render_counter(
         out,
-        "connect_local_errors_total",
+        "ringway_connect_local_errors_total",
         "Backend connects that failed for lack of a local port, descriptor or memory.",
         total.connect_local_errors,
     );
     render_counter(
         out,
-        "accept_errors_total",
+        "ringway_accept_errors_total",
         "Accept completions that returned an error.",
         total.accept_errors,
     );
     render_counter(
         out,
-        "buffer_ring_exhausted_total",
+        "ringway_buffer_ring_exhausted_total",
         "Receives that found the buffer ring empty (ENOBUFS).",
         total.buffer_ring_exhausted,
     );
     render_counter(
         out,
-        "buffer_reclaims_total",
+        "ringway_buffer_reclaims_total",
         "Stalled flows asked to give their buffers back because the pool was more than half lent.",
         total.buffers_reclaimed,
     );
     render_gauge(
         out,
-        "buffers_in_use",
+        "ringway_buffers_in_use",
         "Relay buffers held by flows now (bytes received, not yet delivered), all workers.",
         total.buffers_in_use,
     );
     render_gauge(
         out,
-        "spill_bytes",
+        "ringway_spill_bytes",
         "Undelivered bytes of stalled flows held off the buffer pool, all workers.",
         total.spill_bytes,
     );
 
-    let name = "connect_duration_seconds";
+    let name = "ringway_connect_duration_seconds";
     family(
         out,
         name,
@@ -737,7 +729,7 @@ fn render_backends(backends: &[(String, Arc<BackendStats>, bool)], out: &mut Str
 
     family(
         out,
-        "backend_up",
+        "ringway_backend_up",
         "gauge",
         "1 if the backend passes health checks and may take new flows.",
     );
@@ -745,7 +737,7 @@ fn render_backends(backends: &[(String, Arc<BackendStats>, bool)], out: &mut Str
         let backup = if *backup { "true" } else { "false" };
         sample(
             out,
-            "backend_up",
+            "ringway_backend_up",
             "",
             &[("backend", name), ("backup", backup)],
             u64::from(counts.healthy),
@@ -754,25 +746,25 @@ fn render_backends(backends: &[(String, Arc<BackendStats>, bool)], out: &mut Str
     type Field = fn(&BackendCounts) -> u64;
     let simple: [(&str, &str, &str, Field); 4] = [
         (
-            "backend_flows_active",
+            "ringway_backend_flows_active",
             "gauge",
             "Flows relayed through the backend now.",
             |c| c.flows_active,
         ),
         (
-            "backend_flows_total",
+            "ringway_backend_flows_total",
             "counter",
             "Flows that connected to the backend.",
             |c| c.flows_total,
         ),
         (
-            "backend_connect_failures_total",
+            "ringway_backend_connect_failures_total",
             "counter",
             "Connect attempts to the backend that failed or timed out.",
             |c| c.connect_failures,
         ),
         (
-            "backend_health_transitions_total",
+            "ringway_backend_health_transitions_total",
             "counter",
             "Changes of the backend's health state.",
             |c| c.health_transitions,
@@ -786,21 +778,21 @@ fn render_backends(backends: &[(String, Arc<BackendStats>, bool)], out: &mut Str
     }
     family(
         out,
-        "backend_bytes_total",
+        "ringway_backend_bytes_total",
         "counter",
         "Bytes relayed through the backend by flows that have ended, by direction.",
     );
     for (name, counts, _) in &rows {
         sample(
             out,
-            "backend_bytes_total",
+            "ringway_backend_bytes_total",
             "",
             &[("backend", name), ("direction", "client_to_backend")],
             counts.bytes_client_to_backend,
         );
         sample(
             out,
-            "backend_bytes_total",
+            "ringway_backend_bytes_total",
             "",
             &[("backend", name), ("direction", "backend_to_client")],
             counts.bytes_backend_to_client,
@@ -1172,8 +1164,13 @@ mod tests {
     fn extra_families_append_validly() {
         let mut out = String::new();
         render_prometheus(&[], &[], &mut out);
-        render_counter(&mut out, "access_log_dropped_total", "Records dropped.", 7);
-        render_gauge(&mut out, "config_generation", "Reloads applied.", 2);
+        render_counter(
+            &mut out,
+            "ringway_access_log_dropped_total",
+            "Records dropped.",
+            7,
+        );
+        render_gauge(&mut out, "ringway_config_generation", "Reloads applied.", 2);
         let samples = parse_exposition(&out).unwrap_or_else(|e| panic!("{e}\n{out}"));
         assert_eq!(
             value(&samples, "ringway_access_log_dropped_total", &[]),

@@ -521,6 +521,94 @@ fn metrics_and_backends_endpoint_match_the_traffic() {
     assert_eq!(http_get(admin, "/nothing-here").0, 404);
 }
 
+/// The metric families docs/operations.md documents: (name, type) from each row of the table
+/// in "Metrics and the admin endpoint" whose first cell is a backticked `ringway_` name.
+fn documented_metric_families() -> Vec<(String, String)> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md");
+    let text = fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let section = text
+        .split("\n## ")
+        .find(|s| s.starts_with("Metrics and the admin endpoint"))
+        .unwrap_or_else(|| panic!("{path}: no section \"Metrics and the admin endpoint\""));
+    section
+        .lines()
+        .filter(|line| line.starts_with("| `ringway_"))
+        .map(|line| {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            let name = cells[1].trim_matches('`');
+            assert!(
+                !name.contains(['`', ' ', ',']),
+                "{path}: one metric name per row, got {:?}",
+                cells[1]
+            );
+            let kind = cells[2].split([',', ' ']).next().unwrap_or_default();
+            (name.to_string(), kind.to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn every_exported_metric_family_is_documented_and_every_documented_one_exported() {
+    let dir = TempDir::new("metric-names");
+    let backend = Backend::start(Kind::Sink);
+    // Every optional family on: the admin endpoint, the access log, health checks.
+    let proxy = Proxy::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--backend",
+        &backend.arg(),
+        "--admin",
+        "127.0.0.1:0",
+        "--access-log",
+        dir.path().join("access.log").to_str().unwrap(),
+        "--health-interval",
+        "200ms",
+    ]);
+    let (status, body) = http_get(admin_addr(&proxy), "/metrics");
+    assert_eq!(status, 200, "{body}");
+    let exported: Vec<(String, String)> = body
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .map(|rest| {
+            let (name, kind) = rest
+                .split_once(' ')
+                .unwrap_or_else(|| panic!("bad TYPE line {rest:?}"));
+            (name.to_string(), kind.to_string())
+        })
+        .collect();
+    let documented = documented_metric_families();
+
+    let mut problems = Vec::new();
+    for (list, name) in [(&exported, "exported"), (&documented, "documented")] {
+        let mut names: Vec<&str> = list.iter().map(|(n, _)| n.as_str()).collect();
+        names.sort();
+        if let Some(twice) = names.windows(2).find(|w| w[0] == w[1]) {
+            problems.push(format!("{} is {name} twice", twice[0]));
+        }
+    }
+    for (name, kind) in &exported {
+        match documented.iter().find(|(d, _)| d == name) {
+            None => problems.push(format!("{name} ({kind}) is exported but not documented")),
+            Some((_, doc_kind)) if doc_kind != kind => problems.push(format!(
+                "{name} is exported as a {kind} but documented as a {doc_kind}"
+            )),
+            Some(_) => {}
+        }
+    }
+    for (name, _) in &documented {
+        if !exported.iter().any(|(e, _)| e == name) {
+            problems.push(format!("{name} is documented but not exported"));
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "docs/operations.md and /metrics disagree:\n{}\n--- /metrics ---\n{body}",
+        problems.join("\n")
+    );
+    // The table cannot be vacuously equal to an empty scrape.
+    assert!(exported.len() >= 15, "{body}");
+}
+
 /// Waits until the file at `path` holds at least `n` complete lines; returns them all.
 fn wait_for_file_lines(path: &Path, n: usize, proxy: &Proxy) -> Vec<String> {
     let mut lines = Vec::new();

@@ -14,12 +14,18 @@
 //! Design: a few threads ([`THREADS`]) each block in `accept` on the same listener and serve one
 //! request per connection (`Connection: close`), so an idle or slow client holds up at most one
 //! of them, and only for [`REQUEST_DEADLINE`] (a deadline for the whole request head, not per
-//! read, so trickling bytes does not extend it). There is no stop call: the threads block in
-//! `accept` and end with the process.
+//! read, so trickling bytes does not extend it).
+//!
+//! Stopping: [`AdminServer::stop`] sets a flag and shuts the listening socket down, which makes
+//! every thread blocked in `accept` return (Linux fails a pending accept with EINVAL), and shuts
+//! down the connections being answered, so a slow or silent client does not hold a thread for
+//! its deadlines. Each thread then sees the flag and ends. The caller joins the returned handle,
+//! with a deadline of its own.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -51,9 +57,56 @@ const DRAIN_LIMIT: usize = 64 * 1024;
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 const ACCEPT_WARN_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Starts the admin threads on `listener` and returns the handle of the first one (the others
-/// are scoped inside it). Fails only if a thread cannot be created.
-pub fn spawn(listener: TcpListener, view: Arc<dyn AdminView>) -> io::Result<JoinHandle<()>> {
+/// The running admin threads.
+pub struct AdminServer {
+    /// The first thread; the others are scoped inside it, so it ends after all of them.
+    thread: JoinHandle<()>,
+    stop: Arc<StopSignal>,
+    /// The same socket the threads accept on (a duplicate descriptor), to shut it down.
+    listener: TcpListener,
+}
+
+impl AdminServer {
+    /// Asks every admin thread to end and returns the handle that finishes when they all have.
+    pub fn stop(self) -> JoinHandle<()> {
+        self.stop.stopping.store(true, Ordering::SeqCst);
+        // Wakes the threads blocked in accept; they see `stopping` and return. An error here
+        // (the socket is already shut) leaves nothing to wake.
+        if let Err(e) = socket2::SockRef::from(&self.listener).shutdown(Shutdown::Both) {
+            debug!("admin: shutting the listener down: {e}");
+        }
+        // Ends the requests being answered: their reads see EOF, their writes fail.
+        for stream in self.stop.in_flight().iter().flatten() {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+        self.thread
+    }
+}
+
+/// What [`AdminServer::stop`] reaches in the serving threads.
+struct StopSignal {
+    stopping: AtomicBool,
+    /// A duplicate of the connection each thread is answering, by thread number.
+    in_flight: Mutex<Vec<Option<TcpStream>>>,
+}
+
+impl StopSignal {
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, Vec<Option<TcpStream>>> {
+        // A panic while holding the lock leaves a plain list behind: still usable.
+        self.in_flight.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records (or with `None` forgets) the connection thread `slot` answers. Recording comes
+    /// before the thread checks `stopping`, and `stop` sets `stopping` before it looks here,
+    /// so every connection is either seen by `stop` or never answered.
+    fn set_in_flight(&self, slot: usize, stream: Option<&TcpStream>) {
+        self.in_flight()[slot] = stream.and_then(|s| s.try_clone().ok());
+    }
+}
+
+/// Starts the admin threads on `listener`. Fails only if the listener cannot be duplicated or
+/// a thread cannot be created.
+pub fn spawn(listener: TcpListener, view: Arc<dyn AdminView>) -> io::Result<AdminServer> {
     spawn_with(listener, view, REQUEST_DEADLINE)
 }
 
@@ -61,37 +114,64 @@ fn spawn_with(
     listener: TcpListener,
     view: Arc<dyn AdminView>,
     deadline: Duration,
-) -> io::Result<JoinHandle<()>> {
+) -> io::Result<AdminServer> {
     // Accept must block: the listener may have been set non-blocking by whoever bound it.
     listener.set_nonblocking(false)?;
-    std::thread::Builder::new()
+    let handle = listener.try_clone()?;
+    let stop = Arc::new(StopSignal {
+        stopping: AtomicBool::new(false),
+        in_flight: Mutex::new((0..THREADS).map(|_| None).collect()),
+    });
+    let shared = Arc::clone(&stop);
+    let thread = std::thread::Builder::new()
         .name("ringway-admin".to_string())
         .spawn(move || {
+            let (listener, view, stop) = (&listener, &*view, &*shared);
             std::thread::scope(|scope| {
                 for i in 1..THREADS {
                     let spawned = std::thread::Builder::new()
                         .name(format!("ringway-admin{i}"))
-                        .spawn_scoped(scope, || serve(&listener, &*view, deadline));
+                        .spawn_scoped(scope, move || serve(listener, view, deadline, stop, i));
                     if let Err(e) = spawned {
                         warn!("admin: cannot start a helper thread: {e}");
                         break;
                     }
                 }
-                serve(&listener, &*view, deadline);
+                serve(listener, view, deadline, stop, 0);
             })
-        })
+        })?;
+    Ok(AdminServer {
+        thread,
+        stop,
+        listener: handle,
+    })
 }
 
-/// Accepts and answers connections forever.
-fn serve(listener: &TcpListener, view: &dyn AdminView, deadline: Duration) {
+/// Accepts and answers connections until `stop.stopping` is set. `slot` is this thread's
+/// number, its place in `stop.in_flight`.
+fn serve(
+    listener: &TcpListener,
+    view: &dyn AdminView,
+    deadline: Duration,
+    stop: &StopSignal,
+    slot: usize,
+) {
     let mut last_warning: Option<Instant> = None;
     let mut suppressed = 0u64;
     loop {
-        match listener.accept() {
+        let accepted = listener.accept();
+        if let Ok((stream, _)) = &accepted {
+            stop.set_in_flight(slot, Some(stream));
+        }
+        if stop.stopping.load(Ordering::SeqCst) {
+            return; // a connection accepted in the meantime is closed unanswered
+        }
+        match accepted {
             Ok((stream, peer)) => {
                 if let Err(e) = handle(stream, view, deadline) {
                     debug!("admin: {peer}: {e}");
                 }
+                stop.set_in_flight(slot, None);
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
@@ -344,7 +424,7 @@ pub fn backends_json(rows: &[BackendRow], out: &mut String) {
             out.push(',');
         }
         out.push_str("{\"name\":");
-        push_json_string(row.name, out);
+        crate::json::push_string(row.name, out);
         let _ = write!(
             out,
             ",\"address\":\"{}\",\"weight\":{},\"backup\":{},\"healthy\":{},\"active\":{},\"total\":{}}}",
@@ -352,26 +432,6 @@ pub fn backends_json(rows: &[BackendRow], out: &mut String) {
         );
     }
     out.push(']');
-}
-
-/// Appends `s` as a JSON string literal: quotes, backslashes and control characters escaped.
-pub fn push_json_string(s: &str, out: &mut String) {
-    use std::fmt::Write as _;
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
 }
 
 #[cfg(test)]
@@ -400,12 +460,21 @@ mod tests {
         }
     }
 
-    /// Starts a server on an ephemeral loopback port with the given request deadline.
+    /// Starts a server on an ephemeral loopback port with the given request deadline. It runs
+    /// until the test process ends.
     fn start(deadline: Duration) -> SocketAddr {
+        let (addr, server) = start_server(deadline);
+        std::mem::forget(server);
+        addr
+    }
+
+    fn start_server(deadline: Duration) -> (SocketAddr, AdminServer) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        spawn_with(listener, Arc::new(FakeView), deadline).unwrap();
-        addr
+        (
+            addr,
+            spawn_with(listener, Arc::new(FakeView), deadline).unwrap(),
+        )
     }
 
     /// Sends `request` and reads the whole response (the server closes after it).
@@ -525,9 +594,48 @@ mod tests {
     }
 
     #[test]
-    fn json_strings_are_escaped() {
-        let mut out = String::new();
-        push_json_string("a\"b\\c\nd\u{1}é", &mut out);
-        assert_eq!(out, r#""a\"b\\c\nd\u0001é""#);
+    fn stop_ends_every_thread_blocked_in_accept() {
+        let (addr, server) = start_server(REQUEST_DEADLINE);
+        let r = exchange(addr, b"GET /metrics HTTP/1.1\r\n\r\n");
+        assert_eq!(status(&r), "200", "{r}");
+        let thread = server.stop();
+        // Every thread was blocked in accept: all of them end, and promptly.
+        let (joined, ended) = std::sync::mpsc::channel();
+        std::thread::spawn(move || joined.send(thread.join().is_ok()));
+        assert_eq!(
+            ended.recv_timeout(Duration::from_secs(10)),
+            Ok(true),
+            "admin threads still running 10 s after stop"
+        );
+    }
+
+    #[test]
+    fn stop_ends_a_request_in_progress_without_waiting_for_its_deadline() {
+        let (addr, server) = start_server(Duration::from_secs(600));
+        let mut silent = TcpStream::connect(addr).unwrap();
+        silent.write_all(b"GET /met").unwrap();
+        // Wait until a thread has taken the connection and waits for the rest of the head.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while server.stop.in_flight().iter().all(Option::is_none) {
+            assert!(
+                Instant::now() < deadline,
+                "the connection was never accepted"
+            );
+            std::thread::sleep(Duration::from_millis(1)); // pacing of the check, not a wait
+        }
+        let thread = server.stop();
+        let (joined, ended) = std::sync::mpsc::channel();
+        std::thread::spawn(move || joined.send(thread.join().is_ok()));
+        assert_eq!(
+            ended.recv_timeout(Duration::from_secs(10)),
+            Ok(true),
+            "an admin thread still waits for the silent client's request 10 s after stop"
+        );
+        silent
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut rest = Vec::new();
+        let _ = silent.read_to_end(&mut rest);
+        assert!(rest.is_empty(), "answered: {rest:?}");
     }
 }

@@ -5,7 +5,7 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use log::warn;
 
 use crate::config::{BackendSpec, Config};
@@ -135,6 +135,10 @@ pub fn spawn_dns_refresher(
                 _ => return,
             }
             for (index, target) in targets.iter().enumerate() {
+                // Each query may take seconds: look for the stop between them too.
+                if matches!(stop.try_recv(), Err(TryRecvError::Disconnected)) {
+                    return;
+                }
                 let timeout = refresh.min(Duration::from_secs(3));
                 let result =
                     dns::resolve(&target.name, nameserver, timeout).map_err(|e| e.to_string());

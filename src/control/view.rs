@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use crate::control::access_log::AccessLog;
+use crate::access_log::AccessLogCounters;
 use crate::control::admin::{self, AdminView, BackendRow};
 use crate::metrics::{self, WorkerStats};
 use crate::snapshot::Snapshot;
@@ -13,7 +13,9 @@ pub struct View {
     workers: Vec<Arc<WorkerStats>>,
     max_flows: u64,
     snapshot: Mutex<Arc<Snapshot>>,
-    access_log: Option<AccessLog>,
+    /// Counters only: the admin threads hold this view until they end, and a sender here
+    /// would keep the access-log writer (and so the process) alive after the workers stopped.
+    access_log: Option<AccessLogCounters>,
 }
 
 impl View {
@@ -21,7 +23,7 @@ impl View {
         workers: Vec<Arc<WorkerStats>>,
         max_flows: u64,
         snapshot: Arc<Snapshot>,
-        access_log: Option<AccessLog>,
+        access_log: Option<AccessLogCounters>,
     ) -> View {
         View {
             workers,

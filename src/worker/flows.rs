@@ -11,10 +11,10 @@ use io_uring::cqueue;
 use log::debug;
 use socket2::SockRef;
 
+use crate::access_log::FlowRecord;
 use crate::balance::flow_key_hash;
-use crate::control::access_log::FlowRecord;
 use crate::control::health::{classify_connect_error, ConnectFailure};
-use crate::control::Event;
+use crate::events::Event;
 use crate::flow::{CloseReason, Ending, Flow, Op, Phase};
 use crate::metrics::CloseKind;
 use crate::proxy_protocol::{self, Parsed};

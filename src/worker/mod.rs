@@ -31,9 +31,9 @@ use log::error;
 use slab::Slab;
 use socket2::Socket;
 
+use crate::access_log::AccessLog;
 use crate::balance::HashKey;
-use crate::control::access_log::AccessLog;
-use crate::control::Event;
+use crate::events::Event;
 use crate::flow::{Flow, Limits, Op};
 use crate::metrics::WorkerStatsWriter;
 use crate::snapshot::{BackendLoad, BackendSet, PickState, Snapshot};

@@ -16,7 +16,7 @@ use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
@@ -241,8 +241,24 @@ impl Proxy {
 
     /// Starts the proxy and waits (bounded) for its `listening on` line.
     pub fn try_start<S: AsRef<OsStr>>(args: &[S]) -> Result<Proxy, StartFailure> {
+        Self::try_start_with_stdout(args, Stdio::null())
+    }
+
+    /// Starts the proxy with its stdout connected to a pipe the caller gets (and may leave
+    /// unread, to make a writer on stdout block); panics if the proxy doesn't come up.
+    pub fn start_with_stdout_pipe<S: AsRef<OsStr>>(args: &[S]) -> (Proxy, ChildStdout) {
+        let mut proxy = Self::try_start_with_stdout(args, Stdio::piped())
+            .unwrap_or_else(|failure| panic!("ringway did not start: {failure:?}"));
+        let stdout = proxy.child.stdout.take().expect("piped stdout");
+        (proxy, stdout)
+    }
+
+    fn try_start_with_stdout<S: AsRef<OsStr>>(
+        args: &[S],
+        stdout: Stdio,
+    ) -> Result<Proxy, StartFailure> {
         let mut cmd = base_command(args);
-        cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+        cmd.stdout(stdout).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn ringway");
         let log = Log::default();
         let (tx, rx) = mpsc::channel();

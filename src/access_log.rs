@@ -8,6 +8,13 @@
 //! record arrives and when the last `AccessLog` clone is dropped, then exits (join `writer`
 //! after the workers have stopped to be sure everything is on disk).
 //!
+//! An `AccessLog` is a sender: while any clone lives, the writer runs. Whoever only reads the
+//! counters (the admin endpoint, which lives until the process exits) takes
+//! [`AccessLog::counters`] instead, which does not keep the writer alive.
+//!
+//! This module sits below both the workers (which log) and the control side (which starts the
+//! writer and shows the counters), so neither imports the other for it.
+//!
 //! A line looks like (one line, wrapped here):
 //!
 //! ```text
@@ -36,7 +43,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use log::warn;
 
-use super::admin::push_json_string;
+use crate::json;
 use crate::metrics::CloseKind;
 
 /// What the worker knows about a flow when it ends. Plain data; `backend` is an `Arc<str>` so a
@@ -72,6 +79,23 @@ pub struct AccessLog {
 struct Counters {
     dropped: AtomicU64,
     write_errors: AtomicU64,
+}
+
+/// Read-only view of an access log's counters. Unlike [`AccessLog`] it holds no sender, so it
+/// never keeps the writer thread alive.
+#[derive(Clone, Debug)]
+pub struct AccessLogCounters(Arc<Counters>);
+
+impl AccessLogCounters {
+    /// Records lost: queue full, writer gone, or write backlog over its limit.
+    pub fn dropped(&self) -> u64 {
+        self.0.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Failed write attempts (each failing flush counts once).
+    pub fn write_errors(&self) -> u64 {
+        self.0.write_errors.load(Ordering::Relaxed)
+    }
 }
 
 /// The writer flushes at most this long after a record arrives, and retries a failed write this
@@ -122,14 +146,19 @@ impl AccessLog {
         }
     }
 
+    /// The counters alone, for readers that must not keep the writer running.
+    pub fn counters(&self) -> AccessLogCounters {
+        AccessLogCounters(Arc::clone(&self.counters))
+    }
+
     /// Records lost: queue full, writer gone, or write backlog over its limit.
     pub fn dropped(&self) -> u64 {
-        self.counters.dropped.load(Ordering::Relaxed)
+        self.counters().dropped()
     }
 
     /// Failed write attempts (each failing flush counts once).
     pub fn write_errors(&self) -> u64 {
-        self.counters.write_errors.load(Ordering::Relaxed)
+        self.counters().write_errors()
     }
 }
 
@@ -254,7 +283,7 @@ fn format_record(record: &FlowRecord, out: &mut String) {
         record.client, record.listener
     );
     match &record.backend {
-        Some(name) => push_json_string(name, out),
+        Some(name) => json::push_string(name, out),
         None => out.push_str("null"),
     }
     let _ = write!(
@@ -512,9 +541,12 @@ mod tests {
                 log.log(r);
             }
         }
+        // A counters handle, as the admin endpoint keeps, must not keep the writer running.
+        let counters = log.counters();
         drop(log);
         drop(worker);
         writer.join().unwrap();
+        assert_eq!(counters.dropped(), 0);
         let text = std::fs::read_to_string(&path).unwrap();
         let _ = std::fs::remove_file(&path);
         let lines: Vec<&str> = text.lines().collect();
