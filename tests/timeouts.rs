@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -217,5 +217,64 @@ fn connect_timeout_moves_the_flow_to_the_next_backend() {
         waited > 0,
         "no client waited for the connect timeout: did none hash to the blackholed backend? \
          {results:?}"
+    );
+}
+
+/// A download cut by the idle timeout must not look complete: the client sees a reset, not a
+/// clean end of stream after part of the bytes, and so does the backend.
+#[test]
+fn download_cut_by_the_idle_timeout_ends_in_a_reset_not_an_eof() {
+    const TOTAL: u64 = 256 << 20;
+    let backend = Backend::start(Kind::Stream);
+    let proxy = Proxy::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--backend",
+        &backend.arg(),
+        "--idle-timeout",
+        "1s",
+    ]);
+    let mut client = connect(proxy.addr).unwrap();
+    client.write_all(&TOTAL.to_le_bytes()).unwrap();
+    // The client reads nothing: the stream backs up, no byte moves, the flow goes idle and the
+    // proxy gives up on it: the backend's write fails (its side was cut). The backend may or
+    // may not have reported the stall (a write blocked for 1 s) first.
+    loop {
+        match backend.next_event(Duration::from_secs(30)) {
+            Some(Event::Stalled { .. }) => {}
+            Some(Event::Streamed {
+                written,
+                error: Some(error),
+                ..
+            }) => {
+                eprintln!("backend: stream cut after {written} bytes: {error}");
+                break;
+            }
+            other => panic!(
+                "the idle flow's backend side should have been cut: {other:?}\n{}",
+                proxy.stderr_tail()
+            ),
+        }
+    }
+    // The client drains what reached it, then must see the cut as a reset.
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut got = 0u64;
+    let end = loop {
+        match client.read(&mut buf) {
+            Ok(0) => break Closed::Eof,
+            Ok(n) => got += n as u64,
+            Err(e) => break classify(&e),
+        }
+    };
+    assert!(got < TOTAL, "the whole stream arrived ({got} bytes)");
+    assert_eq!(
+        end,
+        Closed::Reset,
+        "after {got} of {TOTAL} bytes the cut flow ended with {end:?}: a clean EOF would tell the \
+         client the download was complete\n{}",
+        proxy.stderr_tail()
     );
 }
