@@ -1543,6 +1543,9 @@ fn parse_ss_time(text: &str) -> Option<Duration> {
 /// The proxy's own sockets of its flows: accepted from clients (local port = the proxy's)
 /// and connected to the backend (remote port = the backend's).
 fn proxy_flow_sockets(proxy: &Proxy, backend: &Backend) -> Vec<String> {
+    // ss filters by port; other tests running at the same time may use the same port number on
+    // another loopback address, so keep only lines naming our exact addresses.
+    let (ours, theirs) = (proxy.addr.to_string(), backend.addr.to_string());
     ss(&[
         "-tno",
         "state",
@@ -1553,6 +1556,13 @@ fn proxy_flow_sockets(proxy: &Proxy, backend: &Backend) -> Vec<String> {
             backend.addr.port()
         ),
     ])
+    .into_iter()
+    .filter(|line| {
+        let mut addrs = line.split_whitespace().skip(2);
+        let (local, peer) = (addrs.next().unwrap_or(""), addrs.next().unwrap_or(""));
+        local == ours || peer == theirs
+    })
+    .collect()
 }
 
 fn keepalive_of(line: &str) -> Option<Duration> {
