@@ -38,11 +38,11 @@ for round in $(seq 1 "$rounds"); do
     wait_port 127.0.0.1 "$port" 10 || die "proxy did not start"
     # The idle flows: opened and checked together, then silent; they time out ~4 s later.
     start_bg "$work/idle.log" "$load" idle --target "127.0.0.1:$port" --conns "$flows" \
-        --hold 12s --ready-file "$work/ready"
+        --hold 20s --ready-file "$work/ready"
     for _ in $(seq 1 600); do [ -s "$work/ready" ] && break; sleep 0.1; done
     [ -s "$work/ready" ] || die "idle flows did not open: $(tail -3 "$work/idle.log")"
-    # Live traffic across the wave: 2,000 requests a second for 8 s from another address.
-    "$load" rr --target "127.0.0.1:$port" --conns 4 --rate 2000 --duration 8s \
+    # Live traffic across the wave: 2,000 requests a second for 14 s from another address.
+    "$load" rr --target "127.0.0.1:$port" --conns 4 --rate 2000 --duration 14s \
         --sources 127.0.0.2 >"$work/rr.log" 2>&1 || true
     open_after=$(ls "/proc/$proxy/fd" | wc -l)
     echo "round $round: $flows idle flows timing out together; live rr: $(grep -E 'p50|max' "$work/rr.log" | tr '\n' ' ')"

@@ -324,9 +324,14 @@ impl Worker {
             {
                 return Ok(());
             }
-            // With idle flows still to close, only collect what is ready and come back.
-            let wait = usize::from(!self.has_expiry_backlog());
-            match self.ring.submit_and_wait(wait) {
+            // With idle flows still to close, collect what is ready without sleeping and come
+            // back for the next batch.
+            let entered = if self.has_expiry_backlog() {
+                self.submit_and_collect()
+            } else {
+                self.ring.submit_and_wait(1)
+            };
+            match entered {
                 Ok(_) => self.retired.clear(),
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
                 // The completion queue overflowed: reap before submitting more.

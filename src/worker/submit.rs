@@ -9,6 +9,9 @@ use log::warn;
 use super::token::{Kind, Token};
 use super::Worker;
 
+/// `IORING_ENTER_GETEVENTS` (the io-uring crate keeps its constants private).
+const IORING_ENTER_GETEVENTS: u32 = 1;
+
 impl Worker {
     pub(super) fn push(&mut self, entry: squeue::Entry) {
         loop {
@@ -37,6 +40,22 @@ impl Worker {
             }
             drop(sq);
             self.submit_pending();
+        }
+    }
+
+    /// Submits and gathers the completions that are ready, without waiting for one. Unlike
+    /// `submit_and_wait(0)`, this always asks for events: with DEFER_TASKRUN the kernel runs
+    /// this thread's deferred work (the receives other flows' data woke) only then, so a worker
+    /// busy with a long batch of its own still serves them every turn.
+    pub(super) fn submit_and_collect(&mut self) -> std::io::Result<usize> {
+        let pending = self.ring.submission().len() as u32;
+        // SAFETY: io_uring_enter with GETEVENTS, min_complete 0 and no argument: it only
+        // submits the entries already in the queue (valid as `push` documents) and runs
+        // pending work; no pointer is passed.
+        unsafe {
+            self.ring
+                .submitter()
+                .enter::<libc::sigset_t>(pending, 0, IORING_ENTER_GETEVENTS, None)
         }
     }
 
