@@ -1,0 +1,204 @@
+#!/usr/bin/env bash
+# Chaos soak: Ringway under mixed, self-checking load while backends are killed and restarted,
+# the backends file is rewritten and SIGHUP is sent.
+#
+#   scripts/soak.sh [--minutes N] [--seed N] [--step SECS] [--no-build]
+#                   [--ringway BIN] [--load BIN] [--keep]
+#
+# Builds the release binaries (unless --no-build or both binaries are given), starts four soak
+# backends (ringway-load soak-serve, b1..b4) and Ringway with --backends-file (three of them),
+# --admin, --access-log and active health checks, then runs `ringway-load soak` for N minutes
+# (default 2): request/response at a fixed rate, connection churn with client and backend
+# resets and half-closes, bulk transfers both ways, every byte checked. Every --step seconds
+# (default 3) one chaos action: SIGKILL a backend, restart it, rewrite the backends file,
+# SIGHUP. Every event goes to a chaos log that tells expected errors (a flow on a killed backend)
+# from unexpected ones. Prints a table (flows, bytes, errors by kind, the proxy's RSS /
+# descriptors / CPU over time) and exits non-zero on any unexpected error, on growth of RSS or
+# descriptors from the first half to the second, on descriptors or flows left after the load,
+# or if the proxy logged an error or a panic. Everything it starts is stopped on exit (by PID).
+set -uo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=scripts/lib/common.sh
+source "$ROOT/scripts/lib/common.sh"
+
+MINUTES=2 SEED="" STEP=3 BUILD=1 RINGWAY="" LOAD="" KEEP=0
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --minutes) MINUTES=$2; shift ;;
+        --seed) SEED=$2; shift ;;
+        --step) STEP=$2; shift ;;
+        --no-build) BUILD=0 ;;
+        --ringway) RINGWAY=$2; shift ;;
+        --load) LOAD=$2; shift ;;
+        --keep) KEEP=1 ;;
+        -h|--help) usage; exit 0 ;;
+        *) usage; die "unknown option $1" ;;
+    esac
+    shift
+done
+case "$MINUTES" in ''|*[!0-9.]*) die "--minutes takes a number" ;; esac
+: "${SEED:=$(date +%s)}"
+LOAD_SECS=$(awk -v m="$MINUTES" 'BEGIN { printf "%d", m * 60 }')
+[ "$LOAD_SECS" -ge 10 ] || die "--minutes: at least 10 seconds of load"
+
+if [ -z "$RINGWAY" ] || [ -z "$LOAD" ]; then
+    if [ "$BUILD" = 1 ]; then
+        log "building release binaries"
+        (cd "$ROOT" && cargo build --release -q -p ringway -p ringway-load) || die "build failed"
+    fi
+    : "${RINGWAY:=$ROOT/target/release/ringway}" "${LOAD:=$ROOT/target/release/ringway-load}"
+fi
+[ -x "$RINGWAY" ] || die "no ringway binary at $RINGWAY"
+[ -x "$LOAD" ] || die "no ringway-load binary at $LOAD"
+
+WORK=$(mktemp -d /tmp/ringway-soak.XXXXXX)
+CHAOS="$WORK/chaos.log" BACKENDS="$WORK/backends.txt" ACCESS="$WORK/access.log"
+: >"$CHAOS"
+cleanup() {
+    stop_all
+    if [ "$KEEP" = 1 ] || [ "${VERDICT:-1}" != 0 ]; then
+        log "logs kept in $WORK"
+    else
+        rm -rf "$WORK"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+now_ms() { date +%s%3N; }
+chaos() { echo "$(now_ms) $*" >>"$CHAOS"; }
+
+# Backends: every process is bounded by --duration in case this script dies without cleanup.
+BOUND="$((LOAD_SECS + 300))s"
+NAMES=(b1 b2 b3 b4)
+declare -A PORT PID
+start_backend() {
+    local name=$1
+    start_bg "$WORK/$name.log" "$LOAD" soak-serve --listen "127.0.0.1:${PORT[$name]}" \
+        --name "$name" --duration "$BOUND"
+    PID[$name]=$BG_PID
+    wait_line "$WORK/$name.log" "listening on" 10 "$BG_PID" || die "backend $name did not start"
+}
+# kill_backend NAME: SIGKILL, reap, and forget the PID (so it is never signalled again).
+kill_backend() {
+    local name=$1 pid=${PID[$1]}
+    # Braces with stderr closed: bash's "Killed" job notice is noise here.
+    { kill -KILL "$pid"; chaos kill "$name"; wait "$pid"; } 2>/dev/null
+    local kept=() p
+    for p in "${STARTED_PIDS[@]}"; do [ "$p" != "$pid" ] && kept+=("$p"); done
+    STARTED_PIDS=("${kept[@]}")
+    PID[$name]=""
+}
+for name in "${NAMES[@]}"; do
+    PORT[$name]=$(free_port)
+    start_backend "$name"
+done
+write_backends() {
+    local name
+    for name in "$@"; do echo "127.0.0.1:${PORT[$name]}"; done >"$BACKENDS.new"
+    mv "$BACKENDS.new" "$BACKENDS"
+    LISTED=("$@")
+}
+write_backends b1 b2 b3
+
+start_bg "$WORK/ringway.log" env RUST_LOG=info RUST_LOG_STYLE=never "$RINGWAY" \
+    --listen 127.0.0.1:0 --backends-file "$BACKENDS" --admin 127.0.0.1:0 \
+    --access-log "$ACCESS" --health-interval 1s --health-timeout 500ms --workers 2
+PROXY_PID=$BG_PID
+wait_line "$WORK/ringway.log" "listening on" 30 "$PROXY_PID" || {
+    cat "$WORK/ringway.log" >&2
+    die "ringway did not start"
+}
+PROXY_ADDR=$(sed -n 's/.*listening on \([0-9.:]*\).*/\1/p' "$WORK/ringway.log" | head -1)
+ADMIN_ADDR=$(sed -n 's|.*admin endpoint on http://\([0-9.:]*\)/.*|\1|p' "$WORK/ringway.log" | head -1)
+[ -n "$PROXY_ADDR" ] && [ -n "$ADMIN_ADDR" ] || die "no listening/admin address in the log"
+log "ringway (pid $PROXY_PID) on $PROXY_ADDR, admin $ADMIN_ADDR; $LOAD_SECS s of load, seed $SEED"
+
+start_bg "$WORK/soak.out" "$LOAD" soak --target "$PROXY_ADDR" --duration "${LOAD_SECS}s" \
+    --seed "$SEED" --proxy-pid "$PROXY_PID" --admin "$ADMIN_ADDR" --chaos-log "$CHAOS" \
+    --access-log "$ACCESS"
+SOAK_PID=$BG_PID
+
+# The chaos: one action every STEP seconds until the load ends (bounded by time and count).
+RANDOM=$SEED
+alive_listed() {
+    local n=0 name
+    for name in "${LISTED[@]}"; do [ -n "${PID[$name]}" ] && n=$((n + 1)); done
+    echo "$n"
+}
+KILLED=()
+step=0
+deadline=$(( $(date +%s) + LOAD_SECS - STEP ))
+max_steps=$(( LOAD_SECS / STEP + 1 ))
+while [ "$(date +%s)" -lt "$deadline" ] && [ "$step" -lt "$max_steps" ] && kill -0 "$SOAK_PID" 2>/dev/null; do
+    sleep "$STEP" # pacing of the chaos, not synchronisation
+    case $((step % 6)) in
+        0|4)
+            # SIGKILL a running backend, keeping at least two of the listed ones alive.
+            candidates=()
+            for name in "${NAMES[@]}"; do
+                [ -n "${PID[$name]}" ] || continue
+                listed=0
+                for l in "${LISTED[@]}"; do [ "$l" = "$name" ] && listed=1; done
+                if [ "$listed" = 0 ] || [ "$(alive_listed)" -gt 2 ]; then candidates+=("$name"); fi
+            done
+            if [ ${#candidates[@]} -gt 0 ]; then
+                victim=${candidates[$((RANDOM % ${#candidates[@]}))]}
+                kill_backend "$victim"
+                KILLED+=("$victim")
+            fi
+            ;;
+        1|5)
+            for name in "${KILLED[@]}"; do
+                start_backend "$name"
+                chaos start "$name"
+            done
+            KILLED=()
+            ;;
+        2)
+            # Rewrite the file: three of the four backends (the file watcher reloads it).
+            drop=${NAMES[$((RANDOM % 4))]}
+            keep=()
+            for name in "${NAMES[@]}"; do [ "$name" != "$drop" ] && keep+=("$name"); done
+            write_backends "${keep[@]}"
+            chaos reload "$(IFS=,; echo "${keep[*]}")"
+            ;;
+        3)
+            kill -HUP "$PROXY_PID"
+            chaos sighup
+            ;;
+    esac
+    step=$((step + 1))
+done
+for name in "${KILLED[@]}"; do
+    start_backend "$name"
+    chaos start "$name"
+done
+
+# The soak client ends by itself (load, then at most ~30 s of settling checks).
+wait "$SOAK_PID"
+SOAK_RC=$?
+cat "$WORK/soak.out"
+
+VERDICT=0
+[ "$SOAK_RC" = 0 ] || VERDICT=1
+if ! kill -0 "$PROXY_PID" 2>/dev/null; then
+    echo "ringway exited during the soak"
+    VERDICT=1
+fi
+if grep -q -e "panicked" -e " ERROR " "$WORK/ringway.log"; then
+    echo "ringway logged errors:"
+    grep -e "panicked" -e " ERROR " "$WORK/ringway.log" | head -20
+    VERDICT=1
+fi
+warns=$(grep -c " WARN " "$WORK/ringway.log")
+echo "ringway log: $(wc -l <"$WORK/ringway.log") lines, $warns warnings (backends going down and up are expected)"
+if [ "$VERDICT" = 0 ]; then
+    log "soak passed"
+else
+    log "soak FAILED (seed $SEED)"
+fi
+exit "$VERDICT"
