@@ -11,8 +11,9 @@
 # (default 2): request/response at a fixed rate, connection churn with client and backend
 # resets and half-closes, bulk transfers both ways, every byte checked. Every --step seconds
 # (default 3) one chaos action: SIGKILL a backend, restart it, rewrite the backends file,
-# SIGHUP. Every event goes to a chaos log that tells expected errors (a flow on a killed backend)
-# from unexpected ones. Prints a table (flows, bytes, errors by kind, the proxy's RSS /
+# SIGHUP, write a broken backends file (which must be rejected) and restore it. Every event
+# goes to a chaos log that tells expected errors (a flow on a killed backend) from unexpected
+# ones. Prints a table (flows, bytes, errors by kind, the proxy's RSS /
 # descriptors / CPU over time) and exits non-zero on any unexpected error, on growth of RSS or
 # descriptors from the first half to the second, on descriptors or flows left after the load,
 # or if the proxy logged an error or a panic. Everything it starts is stopped on exit (by PID).
@@ -23,7 +24,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 source "$ROOT/scripts/lib/common.sh"
 
 MINUTES=2 SEED="" STEP=3 BUILD=1 RINGWAY="" LOAD="" KEEP=0
-usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 while [ $# -gt 0 ]; do
     case "$1" in
         --minutes) MINUTES=$2; shift ;;
@@ -130,12 +131,13 @@ alive_listed() {
     echo "$n"
 }
 KILLED=()
+BAD_FILES=0
 step=0
 deadline=$(( $(date +%s) + LOAD_SECS - STEP ))
 max_steps=$(( LOAD_SECS / STEP + 1 ))
 while [ "$(date +%s)" -lt "$deadline" ] && [ "$step" -lt "$max_steps" ] && kill -0 "$SOAK_PID" 2>/dev/null; do
     sleep "$STEP" # pacing of the chaos, not synchronisation
-    case $((step % 6)) in
+    case $((step % 8)) in
         0|4)
             # SIGKILL a running backend, keeping at least two of the listed ones alive.
             candidates=()
@@ -170,6 +172,18 @@ while [ "$(date +%s)" -lt "$deadline" ] && [ "$step" -lt "$max_steps" ] && kill 
             kill -HUP "$PROXY_PID"
             chaos sighup
             ;;
+        6)
+            # A broken file: it must be rejected as a whole, the running backends kept.
+            { echo "127.0.0.1:${PORT[b1]}"; echo "127.0.0.1:not-a-port"; } >"$BACKENDS.new"
+            mv "$BACKENDS.new" "$BACKENDS"
+            kill -HUP "$PROXY_PID"
+            chaos badfile
+            BAD_FILES=$((BAD_FILES + 1))
+            ;;
+        7)
+            write_backends "${LISTED[@]}"
+            chaos restore
+            ;;
     esac
     step=$((step + 1))
 done
@@ -192,6 +206,11 @@ fi
 if grep -q -e "panicked" -e " ERROR " "$WORK/ringway.log"; then
     echo "ringway logged errors:"
     grep -e "panicked" -e " ERROR " "$WORK/ringway.log" | head -20
+    VERDICT=1
+fi
+rejected=$(grep -c "keeping the running backends" "$WORK/ringway.log")
+if [ "$rejected" -lt "$BAD_FILES" ]; then
+    echo "ringway logged $rejected rejections of a bad backends file; $BAD_FILES were written"
     VERDICT=1
 fi
 warns=$(grep -c " WARN " "$WORK/ringway.log")

@@ -83,6 +83,10 @@ struct SoakArgs {
     /// largest bulk transfer in bytes (default 4 MiB)
     #[argh(option, default = "4 << 20")]
     bulk_max: u64,
+    /// client source addresses, one picked at random per connection (default
+    /// 127.0.0.2-127.0.0.250 for a loopback target, so flows spread over the backends)
+    #[argh(option)]
+    sources: Option<String>,
     /// seed of the random sizes and choices (default: from the clock)
     #[argh(option)]
     seed: Option<u64>,
@@ -471,6 +475,13 @@ fn run(cmd: Cmd) -> Result<ExitCode, String> {
                 churn_threads: a.churn_threads,
                 bulk_threads: a.bulk_threads,
                 bulk_max: a.bulk_max,
+                sources: match &a.sources {
+                    Some(text) => parse_sources(text)?,
+                    None if a.target.ip().is_loopback() && a.target.is_ipv4() => {
+                        parse_sources("127.0.0.2-127.0.0.250")?
+                    }
+                    None => Vec::new(),
+                },
                 seed,
                 timeout: a.timeout,
             };

@@ -42,7 +42,7 @@ use socket2::{SockRef, Socket};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -218,6 +218,9 @@ pub struct SoakConfig {
     pub bulk_threads: usize,
     /// Largest bulk transfer.
     pub bulk_max: u64,
+    /// Client source addresses, one picked at random per connection (so that a proxy hashing
+    /// the client address spreads the flows over every backend). Empty: the kernel's choice.
+    pub sources: Vec<IpAddr>,
     pub seed: u64,
     /// Timeout of each connect, read and write.
     pub timeout: Duration,
@@ -305,9 +308,21 @@ struct Conn {
 }
 
 impl Conn {
-    fn open(cfg: &SoakConfig) -> (Option<Conn>, Option<Failure>, u64) {
+    fn open(cfg: &SoakConfig, source: Option<IpAddr>) -> (Option<Conn>, Option<Failure>, u64) {
         let start_ms = unix_ms();
-        let s = match TcpStream::connect_timeout(&cfg.target, cfg.timeout) {
+        let connected = Socket::new(
+            socket2::Domain::for_address(cfg.target),
+            socket2::Type::STREAM,
+            None,
+        )
+        .and_then(|sock| {
+            if let Some(ip) = source {
+                sock.bind(&SocketAddr::new(ip, 0).into())?;
+            }
+            sock.connect_timeout(&cfg.target.into(), cfg.timeout)?;
+            Ok(TcpStream::from(sock))
+        });
+        let s = match connected {
             Ok(s) => s,
             Err(e) => {
                 return (
@@ -452,8 +467,11 @@ impl Run<'_> {
     }
 
     /// Opens a connection, or records why it could not.
-    fn open(&self) -> Option<Conn> {
-        let (conn, failure, start_ms) = Conn::open(self.cfg);
+    fn open(&self, rng: &mut Rng) -> Option<Conn> {
+        let sources = &self.cfg.sources;
+        let source =
+            (!sources.is_empty()).then(|| sources[(rng.next() % sources.len() as u64) as usize]);
+        let (conn, failure, start_ms) = Conn::open(self.cfg, source);
         if let Some(f) = failure {
             self.record(None, start_ms, f);
         }
@@ -485,7 +503,7 @@ impl Run<'_> {
             // late request does not make the following ones bunch up beyond one interval.
             next = (next + interval).max(Instant::now());
             if conn.is_none() {
-                conn = self.open();
+                conn = self.open(&mut rng);
             }
             let Some(c) = conn.as_mut() else { continue };
             let len = rng.range(1, 2048);
@@ -520,7 +538,9 @@ impl Run<'_> {
                 break;
             }
             next = (next + interval).max(Instant::now());
-            let Some(mut c) = self.open() else { continue };
+            let Some(mut c) = self.open(&mut rng) else {
+                continue;
+            };
             let roll = rng.range(0, 99);
             let result = if roll < 70 {
                 c.echo(rng.next() >> 16, rng.range(1, 4096), self.n)
@@ -612,7 +632,13 @@ impl Run<'_> {
                 break;
             }
             next = (next + BULK_EVERY).max(Instant::now());
-            let Some(mut c) = self.open() else { continue };
+            let Some(mut c) = self.open(&mut rng) else {
+                continue;
+            };
+            if rng.range(0, 9) == 0 {
+                self.abort_download(c, &mut rng);
+                continue;
+            }
             let result = self.one_bulk(&mut c, &mut rng).and_then(|()| c.finish());
             match result {
                 Ok(()) => {
@@ -622,6 +648,27 @@ impl Run<'_> {
                 Err(f) => self.record(c.backend, c.start_ms, f),
             }
         }
+    }
+
+    /// Asks for a long download, reads part of it, then resets: the proxy must drop the flow
+    /// with its buffers full and in flight, and stay fine.
+    fn abort_download(&self, mut c: Conn, rng: &mut Rng) {
+        let len = self.cfg.bulk_max.max(64 * 1024);
+        let offset = rng.next() >> 16;
+        let part = rng.range(1, len / 2);
+        // Whatever fails before our reset is a failure of the flow like any other.
+        let read =
+            c.s.write_all(&header(OP_DOWN, len, offset))
+                .map_err(|e| fail("download request", e))
+                .and_then(|()| read_stream(&mut c.s, offset, part, self.n));
+        let _ = SockRef::from(&c.s).set_linger(Some(Duration::ZERO));
+        match read {
+            Ok(()) => {
+                self.n.client_resets.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(f) => self.record(c.backend.take(), c.start_ms, f),
+        }
+        drop(c);
     }
 
     /// One to three transfers of random size and direction on one connection.
@@ -798,9 +845,11 @@ fn median(mut v: Vec<u64>) -> u64 {
     v[v.len() / 2]
 }
 
-/// The growth check: after dropping the first `warmup` fraction of the samples, the median of
-/// the second half of the rest may exceed that of the first half by at most `rel` (fraction)
-/// plus `abs`. Returns (first median, second median, ok).
+/// The growth check: drop the first `warmup` fraction of the samples, split the rest in two
+/// halves, and call it growth when both the median and the minimum of the second half exceed
+/// those of the first by more than `rel` (fraction) plus `abs`. A leak lifts the whole second
+/// half; a burst of buffers in use lifts some samples (the median, maybe) but not the floor.
+/// Returns (first median, second median, ok).
 pub fn trend(
     samples: &[Sample],
     warmup: f64,
@@ -811,9 +860,12 @@ pub fn trend(
     let skip = (samples.len() as f64 * warmup) as usize;
     let warm = &samples[skip.min(samples.len())..];
     let mid = warm.len() / 2;
-    let first = median(warm[..mid].iter().map(&value).collect());
-    let second = median(warm[mid..].iter().map(&value).collect());
-    let ok = warm.len() < 4 || second as f64 <= first as f64 * (1.0 + rel) + abs as f64;
+    let (a, b) = (&warm[..mid], &warm[mid..]);
+    let first = median(a.iter().map(&value).collect());
+    let second = median(b.iter().map(&value).collect());
+    let floor = |half: &[Sample]| half.iter().map(&value).min().unwrap_or(0);
+    let grew = |from: u64, to: u64| to as f64 > from as f64 * (1.0 + rel) + abs as f64;
+    let ok = warm.len() < 4 || !(grew(first, second) && grew(floor(a), floor(b)));
     (first, second, ok)
 }
 
@@ -1063,18 +1115,44 @@ pub fn soak(cfg: &SoakConfig, checks: &SoakChecks, out: &mut String) -> bool {
             out,
             format!(
                 "proxy backend connects failed: {}",
-                failed.values().sum::<f64>()
+                failed.values().map(|v| *v as u64).sum::<u64>()
             ),
         );
     }
     if let Some(path) = &checks.access_log {
-        if let Ok(text) = std::fs::read_to_string(path) {
+        // Every closed or refused flow gets a line, or is counted as dropped; the writer
+        // flushes within 100 ms of a record, so wait (bounded) for the counts to agree.
+        let count = |name: &str, label: &str| -> u64 {
+            metric_by_label(&metrics_text, name, label)
+                .values()
+                .map(|v| *v as u64)
+                .sum()
+        };
+        let closed = count("ringway_flows_closed_total", "reason");
+        let dropped = count("ringway_access_log_dropped_total", "");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let reasons = loop {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
             let reasons = access_log_reasons(&text);
-            let shown: Vec<String> = reasons.iter().map(|(k, v)| format!("{k} {v}")).collect();
-            w(
-                out,
-                format!("access log lines by reason: {}", shown.join(", ")),
-            );
+            let lines = reasons.values().sum::<u64>();
+            if metrics_text.is_empty() || lines + dropped >= closed || Instant::now() >= deadline {
+                break reasons;
+            }
+            thread::sleep(Duration::from_millis(100));
+        };
+        let lines = reasons.values().sum::<u64>();
+        let shown: Vec<String> = reasons.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        w(
+            out,
+            format!(
+                "access log: {lines} lines ({}), {dropped} dropped",
+                shown.join(", ")
+            ),
+        );
+        if !metrics_text.is_empty() && lines + dropped != closed {
+            problems.push(format!(
+                "access log: {lines} lines + {dropped} dropped, but {closed} flows closed"
+            ));
         }
     }
 
@@ -1220,6 +1298,11 @@ mod tests {
             1000, 2000, 10000, 12000, 14000, 16000, 18000, 20000, 22000, 24000,
         ]);
         assert!(!trend(&growing, 0.2, |s| s.rss_kb, 0.10, 0).2);
+        // Bursts lift most of the second half's samples but not its floor: no leak.
+        let bursty = samples(&[
+            1000, 2000, 10000, 10000, 10000, 10000, 10000, 16000, 16000, 10000, 16000, 16000,
+        ]);
+        assert!(trend(&bursty, 0.2, |s| s.rss_kb, 0.10, 0).2);
     }
 
     #[test]
