@@ -3,7 +3,7 @@
 # the backends file is rewritten and SIGHUP is sent.
 #
 #   scripts/soak.sh [--minutes N] [--seed N] [--step SECS] [--no-build]
-#                   [--ringway BIN] [--load BIN] [--keep]
+#                   [--ringway BIN] [--load BIN] [--keep] [--proxy-arg ARG]...
 #
 # Builds the release binaries (unless --no-build or both binaries are given), starts four soak
 # backends (ringway-load soak-serve, b1..b4) and Ringway with --backends-file (three of them),
@@ -17,13 +17,15 @@
 # descriptors / CPU over time) and exits non-zero on any unexpected error, on growth of RSS or
 # descriptors from the first half to the second, on descriptors or flows left after the load,
 # or if the proxy logged an error or a panic. Everything it starts is stopped on exit (by PID).
+# --proxy-arg passes one more word to Ringway's command line (repeatable), e.g.
+# `--proxy-arg --buffers --proxy-arg 16` to soak the buffer-exhaustion path.
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=scripts/lib/common.sh
 source "$ROOT/scripts/lib/common.sh"
 
-MINUTES=2 SEED="" STEP=3 BUILD=1 RINGWAY="" LOAD="" KEEP=0
+MINUTES=2 SEED="" STEP=3 BUILD=1 RINGWAY="" LOAD="" KEEP=0 PROXY_ARGS=()
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -34,6 +36,7 @@ while [ $# -gt 0 ]; do
         --ringway) RINGWAY=$2; shift ;;
         --load) LOAD=$2; shift ;;
         --keep) KEEP=1 ;;
+        --proxy-arg) PROXY_ARGS+=("$2"); shift ;;
         -h|--help) usage; exit 0 ;;
         *) usage; die "unknown option $1" ;;
     esac
@@ -107,7 +110,8 @@ write_backends b1 b2 b3
 
 start_bg "$WORK/ringway.log" env RUST_LOG=info RUST_LOG_STYLE=never "$RINGWAY" \
     --listen 127.0.0.1:0 --backends-file "$BACKENDS" --admin 127.0.0.1:0 \
-    --access-log "$ACCESS" --health-interval 1s --health-timeout 500ms --workers 2
+    --access-log "$ACCESS" --health-interval 1s --health-timeout 500ms --workers 2 \
+    "${PROXY_ARGS[@]}"
 PROXY_PID=$BG_PID
 wait_line "$WORK/ringway.log" "listening on" 30 "$PROXY_PID" || {
     cat "$WORK/ringway.log" >&2
