@@ -26,7 +26,8 @@
 //! - **churn**: a new connection per exchange: mostly one small echo then a half-close and a
 //!   clean EOF; some end in a client RST mid-message; some ask the backend for an RST (which
 //!   must reach the client as a reset); some half-close first and then receive (`H`).
-//! - **bulk**: long transfers down (`D`), up (`U`) and both ways (`E` with a writer thread).
+//! - **bulk**: long transfers down (`D`), up (`U`) and both ways (`E` with a writer thread);
+//!   some downloads read slowly (backpressure), some end in a client RST mid-download.
 //!
 //! Every byte is checked. A flow that fails is kept with its backend and its start and end
 //! time; at the end the chaos log (`<unix ms> <event> <backend>` lines) decides whether the
@@ -248,6 +249,7 @@ pub struct Counters {
     pub backend_resets: AtomicU64,
     pub half_closes: AtomicU64,
     pub bulk_flows: AtomicU64,
+    pub slow_reads: AtomicU64,
     pub errors: Mutex<Vec<FlowError>>,
 }
 
@@ -676,7 +678,28 @@ impl Run<'_> {
         for _ in 0..rng.range(1, 3) {
             let len = rng.range(64 * 1024, self.cfg.bulk_max.max(64 * 1024));
             let offset = rng.next() >> 16;
-            match rng.range(0, 2) {
+            match rng.range(0, 3) {
+                3 => {
+                    // A slow reader: at most 16 KiB every 2 ms (8 MiB/s), far below what the
+                    // backend sends, so the proxy must stop reading from the backend and resume
+                    // (its memory per flow is bounded; the RSS check would see it otherwise).
+                    let len = len.min(2 << 20);
+                    c.s.write_all(&header(OP_DOWN, len, offset))
+                        .map_err(|e| fail("download request", e))?;
+                    let mut pos = 0;
+                    while pos < len {
+                        let chunk = (len - pos).min(16 * 1024);
+                        read_stream(&mut c.s, offset + pos, chunk, self.n).map_err(|f| {
+                            Failure {
+                                kind: f.kind,
+                                detail: format!("slow download at {pos} of {len}: {}", f.detail),
+                            }
+                        })?;
+                        pos += chunk;
+                        thread::sleep(Duration::from_millis(2)); // pacing the slow reader
+                    }
+                    self.n.slow_reads.fetch_add(1, Ordering::Relaxed);
+                }
                 0 => {
                     c.s.write_all(&header(OP_DOWN, len, offset))
                         .map_err(|e| fail("download request", e))?;
@@ -1056,6 +1079,7 @@ pub fn soak(cfg: &SoakConfig, checks: &SoakChecks, out: &mut String) -> bool {
         ("flows failed, unexpected", unexpected.len() as u64),
         ("requests (rr) answered", g(&counters.requests_ok)),
         ("bulk flows", g(&counters.bulk_flows)),
+        ("slow-reader downloads", g(&counters.slow_reads)),
         ("half-closed flows", g(&counters.half_closes)),
         ("client resets sent", g(&counters.client_resets)),
         ("backend resets passed on", g(&counters.backend_resets)),
