@@ -32,8 +32,12 @@ use common::*;
 
 /// Each flow must have finished this long after it started.
 const FLOW_DEADLINE: Duration = Duration::from_secs(60);
-/// Everything together (the flows run at once) must have finished by then.
-const LOAD_DEADLINE: Duration = Duration::from_secs(80);
+/// The flows run at once, so all of them must have finished by then; the test gives up on
+/// the stragglers at this point (and fails).
+const LOAD_DEADLINE: Duration = FLOW_DEADLINE;
+/// Bound on the small flows that check the proxies still serve after the load. With the load,
+/// set-up and the metrics wait, a failing run ends within ~95 s; a passing one takes ~15 s.
+const FRESH_DEADLINE: Duration = Duration::from_secs(20);
 
 /// Per direction of each link: a bad but usable path (a lossy Wi-Fi or a congested uplink).
 const IMPAIRMENT: Impairment = Impairment {
@@ -175,8 +179,12 @@ type FlowResult = Result<(Duration, u64), String>;
 
 /// Runs every piece of work at once (the caller's thread must be in the client namespace; the
 /// flow threads inherit it). Returns, per work item, how long it took and what it moved, or
-/// what went wrong; items still running at `LOAD_DEADLINE` are reported as such.
-fn run_all(targets: &[(Service, SocketAddr)], work: &[Work]) -> Vec<(Work, FlowResult)> {
+/// what went wrong; items still running after `bound` are reported as such.
+fn run_all(
+    targets: &[(Service, SocketAddr)],
+    work: &[Work],
+    bound: Duration,
+) -> Vec<(Work, FlowResult)> {
     let (tx, rx) = mpsc::channel();
     for (i, &w) in work.iter().enumerate() {
         let addr = targets
@@ -196,7 +204,7 @@ fn run_all(targets: &[(Service, SocketAddr)], work: &[Work]) -> Vec<(Work, FlowR
             .expect("spawn a flow thread");
     }
     drop(tx);
-    let deadline = Instant::now() + LOAD_DEADLINE;
+    let deadline = Instant::now() + bound;
     let mut results: Vec<Option<FlowResult>> = vec![None; work.len()];
     while results.iter().any(Option::is_none) {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -210,7 +218,7 @@ fn run_all(targets: &[(Service, SocketAddr)], work: &[Work]) -> Vec<(Work, FlowR
         .map(|(&w, r)| {
             (
                 w,
-                r.unwrap_or_else(|| Err(format!("still running after {LOAD_DEADLINE:?}"))),
+                r.unwrap_or_else(|| Err(format!("still running after {bound:?}"))),
             )
         })
         .collect()
@@ -330,7 +338,9 @@ fn flows_through_an_impaired_network_arrive_byte_exact_and_in_time() {
     }
     let load_targets = targets.clone();
     let load_work = work.clone();
-    let results = net.client.run(move || run_all(&load_targets, &load_work));
+    let results = net
+        .client
+        .run(move || run_all(&load_targets, &load_work, LOAD_DEADLINE));
     let load_time = started.elapsed();
 
     let stderr_tails = || {
@@ -404,7 +414,9 @@ fn flows_through_an_impaired_network_arrive_byte_exact_and_in_time() {
     ];
     let fresh_targets = targets.clone();
     let fresh_work = fresh.clone();
-    let after = net.client.run(move || run_all(&fresh_targets, &fresh_work));
+    let after = net
+        .client
+        .run(move || run_all(&fresh_targets, &fresh_work, FRESH_DEADLINE));
     let broken: Vec<String> = after
         .iter()
         .filter_map(|(w, r)| r.as_ref().err().map(|e| format!("{w:?}: {e}")))

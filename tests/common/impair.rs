@@ -3,8 +3,11 @@
 //! duplicates packets on the way.
 //!
 //! ```text
-//!   client ns            wire ns                     proxy ns                wire ns           backend ns
-//!  eth0 10.201.1.1 ── wc ⇄ [impair] ⇄ wpf ── eth0 10.201.1.2  eth1 10.201.2.1 ── wpb ⇄ [impair] ⇄ wb ── eth0 10.201.2.2
+//! client ns                  wire ns                       proxy ns
+//! eth0 10.201.1.1 ── wc ⇄ [impair] ⇄ wpf ──────────────── eth0 10.201.1.2 (listens)
+//!                                                          eth1 10.201.2.1 (connects from)
+//! backend ns                                                 │
+//! eth0 10.201.2.2 ── wb ⇄ [impair] ⇄ wpb ────────────────────┘
 //! ```
 //!
 //! The kernel may lack `sch_netem` (this test machine does). Then the impairment is ours: a
