@@ -79,12 +79,36 @@ chaos() { echo "$(now_ms) $*" >>"$CHAOS"; }
 BOUND="$((LOAD_SECS + 300))s"
 NAMES=(b1 b2 b3 b4)
 declare -A PORT PID
-start_backend() {
-    local name=$1
-    start_bg "$WORK/$name.log" "$LOAD" soak-serve --listen "127.0.0.1:${PORT[$name]}" \
+# Backend ports lie below the ephemeral range: a restarted backend binds its old port again, and
+# while it is down the proxy's own backend connections must not be able to take that port as
+# their local port (the restart would then fail with EADDRINUSE).
+EPHEMERAL_LOW=$(awk '{ print $1 }' /proc/sys/net/ipv4/ip_local_port_range)
+# try_start NAME PORT: start backend NAME on PORT; whether it came up.
+try_start() {
+    local name=$1 port=$2
+    start_bg "$WORK/$name.log" "$LOAD" soak-serve --listen "127.0.0.1:$port" \
         --name "$name" --duration "$BOUND"
     PID[$name]=$BG_PID
-    wait_line "$WORK/$name.log" "listening on" 10 "$BG_PID" || die "backend $name did not start"
+    wait_line "$WORK/$name.log" "listening on" 10 "$BG_PID"
+}
+# start_backend NAME: the first start picks a port (a few tries, then the kernel's choice); a
+# restart reuses it.
+start_backend() {
+    local name=$1 port tries
+    if [ -n "${PORT[$name]:-}" ]; then
+        try_start "$name" "${PORT[$name]}" || die "backend $name did not restart on ${PORT[$name]}"
+        return
+    fi
+    for tries in 1 2 3 4 5 0; do
+        port=0
+        if [ "$tries" != 0 ] && [ "$EPHEMERAL_LOW" -gt 11000 ]; then
+            port=$(( 10000 + RANDOM % (EPHEMERAL_LOW - 10000) ))
+        fi
+        try_start "$name" "$port" && break
+        [ "$tries" = 0 ] && die "backend $name did not start"
+    done
+    PORT[$name]=$(sed -n 's/^listening on 127\.0\.0\.1:\([0-9]*\) .*/\1/p' "$WORK/$name.log" | tail -1)
+    [ -n "${PORT[$name]}" ] || die "backend $name: no port in its log"
 }
 # kill_backend NAME: SIGKILL, reap, and forget the PID (so it is never signalled again).
 kill_backend() {
@@ -97,7 +121,6 @@ kill_backend() {
     PID[$name]=""
 }
 for name in "${NAMES[@]}"; do
-    PORT[$name]=$(free_port)
     start_backend "$name"
 done
 write_backends() {
