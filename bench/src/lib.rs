@@ -14,6 +14,7 @@ pub mod payload;
 pub mod probe;
 pub mod rr;
 pub mod server;
+pub mod soak;
 pub mod sources;
 pub mod stats;
 

@@ -7,6 +7,7 @@ use ringway_load::duration::from_arg as dur;
 use ringway_load::idle::{self, IdleConfig};
 use ringway_load::rr::{self, RrConfig, RrResult};
 use ringway_load::server::{self, Mode, ServeConfig};
+use ringway_load::soak;
 use ringway_load::sources::parse_sources;
 use ringway_load::stats::{errors_line, json_latency_and_errors, latency_line, Json};
 use ringway_load::{connect, Common};
@@ -33,6 +34,80 @@ enum Cmd {
     Bulk(BulkArgs),
     Idle(IdleArgs),
     Probe(ProbeArgs),
+    SoakServe(SoakServeArgs),
+    Soak(SoakArgs),
+}
+
+#[derive(FromArgs)]
+/// Soak backend: greets with its name, then serves echo/download/upload/half-close/reset
+/// commands (see the `soak` module). Prints "listening on ADDR mode=soak name=NAME" once ready.
+#[argh(subcommand, name = "soak-serve")]
+struct SoakServeArgs {
+    /// address to listen on
+    #[argh(option)]
+    listen: SocketAddr,
+    /// name sent as the greeting (default: the address)
+    #[argh(option)]
+    name: Option<String>,
+    /// stop after this long (default: until SIGTERM/SIGINT)
+    #[argh(option, from_str_fn(dur))]
+    duration: Option<Duration>,
+}
+
+#[derive(FromArgs)]
+/// Chaos soak client: mixed self-checking load through a proxy to soak-serve backends, with
+/// resource sampling of the proxy and a report; exits non-zero on unexpected errors or growth.
+#[argh(subcommand, name = "soak")]
+struct SoakArgs {
+    /// address of the proxy
+    #[argh(option)]
+    target: SocketAddr,
+    /// how long to run the load (default 60s)
+    #[argh(option, default = "Duration::from_secs(60)", from_str_fn(dur))]
+    duration: Duration,
+    /// requests per second over all request/response connections (default 200)
+    #[argh(option, default = "200.0")]
+    rate: f64,
+    /// persistent request/response connections (default 16)
+    #[argh(option, default = "16")]
+    rr_conns: usize,
+    /// new connections per second per churn thread (default 25)
+    #[argh(option, default = "25.0")]
+    churn_rate: f64,
+    /// churn threads (default 4)
+    #[argh(option, default = "4")]
+    churn_threads: usize,
+    /// bulk threads (default 2)
+    #[argh(option, default = "2")]
+    bulk_threads: usize,
+    /// largest bulk transfer in bytes (default 4 MiB)
+    #[argh(option, default = "4 << 20")]
+    bulk_max: u64,
+    /// client source addresses, one picked at random per connection (default
+    /// 127.0.0.2-127.0.0.250 for a loopback target, so flows spread over the backends)
+    #[argh(option)]
+    sources: Option<String>,
+    /// seed of the random sizes and choices (default: from the clock)
+    #[argh(option)]
+    seed: Option<u64>,
+    /// timeout of each connect, read and write (default 10s)
+    #[argh(option, default = "Duration::from_secs(10)", from_str_fn(dur))]
+    timeout: Duration,
+    /// pid of the proxy, to sample its RSS, descriptors and CPU
+    #[argh(option)]
+    proxy_pid: Option<u32>,
+    /// the proxy's admin address, for its flow counters
+    #[argh(option)]
+    admin: Option<SocketAddr>,
+    /// the chaos log ("<unix ms> <event> [<backend>]" lines) that explains expected errors
+    #[argh(option)]
+    chaos_log: Option<PathBuf>,
+    /// the proxy's access log, summarised in the report
+    #[argh(option)]
+    access_log: Option<PathBuf>,
+    /// how often to sample the proxy (default 2s)
+    #[argh(option, default = "Duration::from_secs(2)", from_str_fn(dur))]
+    sample_every: Duration,
 }
 
 #[derive(FromArgs)]
@@ -371,6 +446,59 @@ fn run(cmd: Cmd) -> Result<ExitCode, String> {
                 ExitCode::FAILURE
             } else {
                 ExitCode::SUCCESS
+            })
+        }
+        Cmd::SoakServe(a) => {
+            let stop = Arc::new(AtomicBool::new(false));
+            for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+                signal_hook::flag::register(sig, stop.clone()).map_err(|e| e.to_string())?;
+            }
+            let name = a.name.unwrap_or_else(|| a.listen.to_string());
+            let deadline = a.duration.map(|d| std::time::Instant::now() + d);
+            soak::serve(a.listen, name, stop, deadline).map_err(|e| format!("soak-serve: {e}"))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Soak(a) => {
+            if !(a.rate > 0.0 && a.rate.is_finite() && a.churn_rate > 0.0) {
+                return Err("--rate and --churn-rate must be positive".into());
+            }
+            if a.rr_conns == 0 || a.duration.is_zero() || a.sample_every.is_zero() {
+                return Err("--rr-conns, --duration and --sample-every must be positive".into());
+            }
+            let seed = a.seed.unwrap_or_else(soak::unix_ms);
+            let cfg = soak::SoakConfig {
+                target: a.target,
+                duration: a.duration,
+                rate: a.rate,
+                rr_conns: a.rr_conns,
+                churn_rate: a.churn_rate,
+                churn_threads: a.churn_threads,
+                bulk_threads: a.bulk_threads,
+                bulk_max: a.bulk_max,
+                sources: match &a.sources {
+                    Some(text) => parse_sources(text)?,
+                    None if a.target.ip().is_loopback() && a.target.is_ipv4() => {
+                        parse_sources("127.0.0.2-127.0.0.250")?
+                    }
+                    None => Vec::new(),
+                },
+                seed,
+                timeout: a.timeout,
+            };
+            let checks = soak::SoakChecks {
+                proxy_pid: a.proxy_pid,
+                admin: a.admin,
+                chaos_log: a.chaos_log,
+                access_log: a.access_log,
+                sample_every: a.sample_every,
+            };
+            let mut report = String::new();
+            let passed = soak::soak(&cfg, &checks, &mut report);
+            print!("{report}");
+            Ok(if passed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
             })
         }
         Cmd::Probe(a) => {

@@ -9,6 +9,7 @@
 #![allow(dead_code)] // each test file uses a different part of the harness
 
 pub mod dnsmasq;
+pub mod impair;
 pub mod netns;
 
 use std::ffi::OsStr;

@@ -37,6 +37,29 @@ impl Netns {
         run_checked(&full);
     }
 
+    /// `ip -n NAME ARGS...`
+    pub fn ip(&self, args: &[&str]) {
+        let mut argv = vec!["ip", "-n", &self.name];
+        argv.extend_from_slice(args);
+        run_checked(&argv);
+    }
+
+    /// Where the namespace is pinned, for setns(2).
+    pub fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+
+    /// Moves the calling thread into this namespace: the sockets it opens from now on, the
+    /// threads it spawns and the processes it starts all live there.
+    pub fn enter(&self) {
+        let path = self.path();
+        let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+        // SAFETY: setns takes a descriptor we own (alive for the call) and a flag; it changes
+        // only the calling thread's network namespace.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns({path}): {}", std::io::Error::last_os_error());
+    }
+
     /// Sets a sysctl of the namespace (`net.*` ones are per namespace).
     pub fn sysctl(&self, setting: &str) {
         self.exec(&["sysctl", "-q", "-w", setting]);
@@ -44,16 +67,11 @@ impl Netns {
 
     /// Runs `f` on a new thread that has entered this namespace, and returns its result.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/run/netns/{}", self.name);
         thread::scope(|scope| {
             thread::Builder::new()
                 .name(format!("in-{}", self.name))
                 .spawn_scoped(scope, move || {
-                    let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-                    // SAFETY: setns takes a descriptor we own (alive for the call) and a flag;
-                    // it changes only this thread's network namespace.
-                    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                    assert_eq!(rc, 0, "setns({path}): {}", std::io::Error::last_os_error());
+                    self.enter();
                     f()
                 })
                 .expect("spawn the namespace thread")
