@@ -25,6 +25,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::admin::admin_addr;
 use common::impair::{
     ImpairedNet, Impairment, Mode, NsBound, BACKEND_IP, CLIENT_IP, PROXY_BACK_IP, PROXY_FRONT_IP,
 };
@@ -222,19 +223,6 @@ fn run_all(
             )
         })
         .collect()
-}
-
-/// The admin address from the proxy's `admin endpoint on http://ADDR/metrics` line.
-fn admin_addr(proxy: &Proxy) -> SocketAddr {
-    let text = proxy.stderr();
-    let rest = text
-        .split("admin endpoint on http://")
-        .nth(1)
-        .unwrap_or_else(|| panic!("no admin endpoint line\n{}", proxy.stderr_tail()));
-    rest.split('/')
-        .next()
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("admin address does not parse\n{}", proxy.stderr_tail()))
 }
 
 /// `GET /metrics` (the caller's thread must be in the proxy's namespace).

@@ -11,28 +11,17 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::admin::{admin_addr, http_get, parse_metrics};
 use common::*;
 use socket2::{Domain, Socket, Type};
 
-/// The admin address from the proxy's `admin endpoint on http://ADDR/metrics` line.
-fn admin_addr(proxy: &Proxy) -> SocketAddr {
-    let text = proxy.stderr();
-    let rest = text
-        .split("admin endpoint on http://")
-        .nth(1)
-        .unwrap_or_else(|| panic!("no admin endpoint line\n{}", proxy.stderr_tail()));
-    rest.split('/').next().unwrap_or_default().parse().unwrap()
-}
-
 /// The value of an unlabelled metric from `/metrics`, if the proxy exports it.
 fn gauge(admin: SocketAddr, name: &str) -> Option<f64> {
-    let mut s = TcpStream::connect_timeout(&admin, Duration::from_secs(5)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(s, "GET /metrics HTTP/1.0\r\n\r\n").ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    let (_, body) = http_get(admin, "/metrics");
+    parse_metrics(&body)
+        .iter()
+        .find(|s| s.name == name)
+        .map(|s| s.value)
 }
 
 /// Resident memory of a process, in bytes.
