@@ -8,6 +8,7 @@
 //! deadline.
 #![allow(dead_code)] // each test file uses a different part of the harness
 
+pub mod crowd;
 pub mod dnsmasq;
 pub mod netns;
 
