@@ -68,28 +68,6 @@ fn refused_from(proxy: &Proxy, src: IpAddr, what: &str) {
     expect_refused(&mut s, what, proxy);
 }
 
-/// Raises this process's soft open-file limit to at least `want` (bounded by the hard limit);
-/// tests that hold many sockets call it. Raising it cannot hurt tests running alongside.
-fn raise_nofile(want: u64) {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read or write the struct we pass.
-    unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
-        if lim.rlim_cur < want as libc::rlim_t {
-            lim.rlim_cur = (want as libc::rlim_t).min(lim.rlim_max);
-            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
-        }
-    }
-    assert!(
-        lim.rlim_cur >= want as libc::rlim_t,
-        "this test needs {want} open files; the hard limit is {}",
-        lim.rlim_max
-    );
-}
-
 // ---------------------------------------------------------------------------------------------
 // PROXY headers built by hand (independently of src/proxy_protocol.rs)
 // ---------------------------------------------------------------------------------------------

@@ -282,15 +282,16 @@ fn check_crowd(
     );
 }
 
-/// `--max-conns` under a crowd: ten times more clients than the limit connect at once, to two
-/// workers. Each client resets its connection as soon as it is served, so flows end while
+/// `--max-conns` under a crowd: 1500 clients connect at once to two workers limited to 40
+/// flows. Each client resets its connection as soon as it is served, so flows end while
 /// others wait and both workers keep starting flows as room comes back. At no moment may more
 /// than `--max-conns` flows reach the backend (the counting backend sees a connection the proxy
 /// closed before one it opened afterwards), and every client waits and is served.
 #[test]
 fn max_conns_bounds_backend_connections_under_a_crowd_of_two_workers() {
     const LIMIT: usize = 40;
-    const CLIENTS: usize = 400;
+    const CLIENTS: usize = 1500;
+    raise_nofile(CLIENTS as u64 + 500);
     let backend = crowd::CountingBackend::start();
     let proxy = start_limited(&backend, LIMIT, &[]);
     let mut crowd = crowd::Crowd::default();
