@@ -3,7 +3,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use io_uring::{opcode, types};
@@ -69,12 +69,7 @@ impl Worker {
     /// same moment cannot both get it. Given back by `start_flow` (client gone or refused) or
     /// when the flow's descriptors are closed (`on_flow_closed`).
     fn take_slot(&self) -> bool {
-        let max = self.settings.max_conns;
-        self.active_flows
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .is_ok()
+        take_share(&self.active_flows, self.settings.max_conns)
     }
 
     /// Starts a flow on an accepted connection if a share of `--max-conns` is free and no
@@ -196,5 +191,41 @@ impl Worker {
         if too_wide {
             self.cancel_accept();
         }
+    }
+}
+
+/// Adds one to `active` unless that would pass `max`; whether it did.
+fn take_share(active: &AtomicUsize, max: usize) -> bool {
+    active
+        .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn shares_taken_at_once_never_pass_the_limit() {
+        const MAX: usize = 100;
+        let active = Arc::new(AtomicUsize::new(0));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let active = Arc::clone(&active);
+                std::thread::spawn(move || (0..10_000).filter(|_| take_share(&active, MAX)).count())
+            })
+            .collect();
+        let taken: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(taken, MAX);
+        assert_eq!(active.load(Ordering::Relaxed), MAX);
+        assert!(!take_share(&active, MAX));
+        active.fetch_sub(1, Ordering::Relaxed);
+        assert!(
+            take_share(&active, MAX),
+            "a share given back can be taken again"
+        );
     }
 }
