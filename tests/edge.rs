@@ -68,28 +68,6 @@ fn refused_from(proxy: &Proxy, src: IpAddr, what: &str) {
     expect_refused(&mut s, what, proxy);
 }
 
-/// Raises this process's soft open-file limit to at least `want` (bounded by the hard limit);
-/// tests that hold many sockets call it. Raising it cannot hurt tests running alongside.
-fn raise_nofile(want: u64) {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read or write the struct we pass.
-    unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
-        if lim.rlim_cur < want as libc::rlim_t {
-            lim.rlim_cur = (want as libc::rlim_t).min(lim.rlim_max);
-            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
-        }
-    }
-    assert!(
-        lim.rlim_cur >= want as libc::rlim_t,
-        "this test needs {want} open files; the hard limit is {}",
-        lim.rlim_max
-    );
-}
-
 // ---------------------------------------------------------------------------------------------
 // PROXY headers built by hand (independently of src/proxy_protocol.rs)
 // ---------------------------------------------------------------------------------------------
@@ -1445,6 +1423,102 @@ fn flood_at_max_conns_does_not_starve_open_flows() {
 #[test]
 fn flood_beyond_the_open_file_limit_does_not_starve_open_flows() {
     flood(1024, &["--max-conns", "5000"], 8, None);
+}
+
+/// The flow limit the proxy derived (the `max N flows` of its start-up line).
+fn derived_limit(proxy: &LimitedProxy) -> usize {
+    let lines = proxy.log.lock().unwrap();
+    let line = &lines[proxy.listening_line - 1];
+    line.split(", max ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no flow limit in {line:?}"))
+}
+
+/// With the flow limit derived from a low open-file limit, a burst of clients that do not fit
+/// reaches a busy proxy: every one of them must wait (in the listen queue) and be served as
+/// others finish; none may be closed for want of a descriptor. The proxy starts far enough
+/// from the limit to accept with multishot accepts (`--listen-backlog 128`, two workers), holds
+/// all but 100 flows, and is stopped while 200 clients queue up (they fit the two listen
+/// queues); it then continues, and the held clients end ten at a time.
+#[test]
+fn default_limit_lets_a_burst_beyond_the_descriptors_wait_and_serves_it() {
+    const ROOM: usize = 100;
+    const BURST: usize = 200;
+    raise_nofile(4000);
+    let backend = crowd::CountingBackend::start();
+    let argv: Vec<String> = [
+        "--listen",
+        "127.0.0.1:0",
+        "--backend",
+        &backend.arg(),
+        "--workers",
+        "2",
+        "--listen-backlog",
+        "128",
+        "--idle-timeout",
+        "0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let proxy = LimitedProxy::start(1024, &argv);
+    let limit = derived_limit(&proxy);
+    assert!(
+        limit > ROOM + 256,
+        "ulimit -n 1024 gave a flow limit of {limit}"
+    );
+    let mut held = crowd::Crowd::default();
+    for i in 0..limit - ROOM {
+        held.connect_served(proxy.addr, Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("held flow {i}: {e}\n{}", proxy.stderr_tail()));
+    }
+    let pid = proxy.child.id();
+    crowd::freeze(pid);
+    let mut burst = crowd::Crowd::default();
+    for i in 0..BURST {
+        let s = connect(proxy.addr).unwrap_or_else(|e| panic!("burst client {i}: {e}"));
+        burst.push(s);
+    }
+    crowd::thaw(pid);
+    // The room left is served at once; then each held flow that ends lets one more in.
+    burst.pump_until(Duration::from_secs(10), |c| {
+        c.count(crowd::Fate::Served) >= ROOM || !c.turned_away.is_empty()
+    });
+    let mut next_held = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while burst.count(crowd::Fate::Waiting) > 0
+        && burst.turned_away.is_empty()
+        && Instant::now() < deadline
+    {
+        // Ten at a time: a worker with no flow ending of its own notices room at its next
+        // tick, so one at a time would make the test slow, not stricter.
+        for _ in 0..10 {
+            held.reset(next_held);
+            next_held += 1;
+        }
+        let want = ROOM + next_held;
+        burst.pump_until(Duration::from_secs(10), |c| {
+            c.count(crowd::Fate::Served) + c.count(crowd::Fate::TurnedAway) >= want.min(BURST)
+        });
+    }
+    assert!(
+        burst.turned_away.is_empty() && burst.count(crowd::Fate::Waiting) == 0,
+        "ulimit -n 1024, default limit {limit}, {} flows held, burst of {BURST}: {} served, {} \
+         still waiting, {} closed by the proxy: {:?}\n{}",
+        limit - ROOM,
+        burst.count(crowd::Fate::Served),
+        burst.count(crowd::Fate::Waiting),
+        burst.turned_away.len(),
+        &burst.turned_away[..burst.turned_away.len().min(5)],
+        proxy.stderr_tail()
+    );
+    assert!(
+        backend.max_open() <= limit,
+        "default limit {limit}: up to {} backend connections were open at once",
+        backend.max_open()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -234,6 +234,129 @@ fn max_conns_holds_extra_clients_until_a_flow_ends() {
     echo_roundtrip(&mut second, b"still served").unwrap();
 }
 
+fn start_limited(backend: &crowd::CountingBackend, limit: usize, extra: &[&str]) -> Proxy {
+    let limit = limit.to_string();
+    let mut args = vec![
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--max-conns",
+        &limit,
+        "--idle-timeout",
+        "0",
+    ];
+    let backend = backend.arg();
+    args.extend(["--backend", &backend]);
+    args.extend(extra);
+    Proxy::start(&args)
+}
+
+/// Fails unless every client was served and none was turned away, and the backend never had
+/// more than `limit` connections open at once.
+fn check_crowd(
+    crowd: &crowd::Crowd,
+    backend: &crowd::CountingBackend,
+    limit: usize,
+    proxy: &Proxy,
+) {
+    let waiting = crowd.count(crowd::Fate::Waiting);
+    assert!(
+        crowd.turned_away.is_empty() && waiting == 0,
+        "--max-conns {limit}, {} clients: {waiting} still waiting after the deadline, {} turned \
+         away by the proxy: {:?}\n{}",
+        crowd.len(),
+        crowd.turned_away.len(),
+        &crowd.turned_away[..crowd.turned_away.len().min(5)],
+        proxy.stderr_tail()
+    );
+    assert!(
+        backend.max_open() <= limit,
+        "--max-conns {limit}: up to {} backend connections were open at once",
+        backend.max_open()
+    );
+    assert_eq!(
+        backend.accepted(),
+        crowd.len(),
+        "one backend connection per client"
+    );
+}
+
+/// `--max-conns` under a crowd: 1500 clients connect at once to two workers limited to 40
+/// flows. Each client resets its connection as soon as it is served, so flows end while
+/// others wait and both workers keep starting flows as room comes back. At no moment may more
+/// than `--max-conns` flows reach the backend (the counting backend sees a connection the proxy
+/// closed before one it opened afterwards), and every client waits and is served.
+#[test]
+fn max_conns_bounds_backend_connections_under_a_crowd_of_two_workers() {
+    const LIMIT: usize = 40;
+    const CLIENTS: usize = 1500;
+    raise_nofile(CLIENTS as u64 + 500);
+    let backend = crowd::CountingBackend::start();
+    let proxy = start_limited(&backend, LIMIT, &[]);
+    let mut crowd = crowd::Crowd::default();
+    for i in 0..CLIENTS {
+        let s = connect(proxy.addr)
+            .unwrap_or_else(|e| panic!("client {i}: {e}\n{}", proxy.stderr_tail()));
+        crowd.push(s);
+    }
+    crowd.churn(Duration::from_secs(60));
+    check_crowd(&crowd, &backend, LIMIT, &proxy);
+}
+
+/// A burst that reaches a busy proxy close to `--max-conns`: the clients that do not fit must
+/// wait in the kernel's listen queue, not be accepted into the process. Documented bound: at
+/// most `--max-conns` flows, and at most one accepted connection per worker waiting for room.
+///
+/// The proxy is far enough from the limit at first that it accepts with multishot accepts
+/// (more room than every worker's listen backlog, 2 x (32 + 64)); it then holds all but ten
+/// flows, and is stopped while a burst of 40 clients queues up (the burst fits the two listen
+/// queues). When it continues, ten clients are served, and its descriptors show how many more
+/// it accepted: two per flow, its own, and at most one per worker.
+#[test]
+fn max_conns_leaves_a_burst_in_the_backlog_beyond_one_per_worker() {
+    const LIMIT: usize = 250;
+    const ROOM: usize = 10;
+    const BURST: usize = 40;
+    const WORKERS: usize = 2;
+    let backend = crowd::CountingBackend::start();
+    let proxy = start_limited(&backend, LIMIT, &["--listen-backlog", "32"]);
+    let own_fds = crowd::open_fds(proxy.pid());
+    let mut crowd = crowd::Crowd::default();
+    for i in 0..LIMIT - ROOM {
+        crowd
+            .connect_served(proxy.addr, Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("held flow {i}: {e}\n{}", proxy.stderr_tail()));
+    }
+    crowd::freeze(proxy.pid());
+    for i in 0..BURST {
+        let s = connect(proxy.addr).unwrap_or_else(|e| panic!("burst client {i}: {e}"));
+        crowd.push(s);
+    }
+    crowd::thaw(proxy.pid());
+    let filled = crowd.pump_until(Duration::from_secs(10), |c| {
+        c.count(crowd::Fate::Served) >= LIMIT || !c.turned_away.is_empty()
+    });
+    assert!(
+        filled && crowd.turned_away.is_empty(),
+        "after the burst: {} served of {LIMIT} flows, turned away: {:?}\n{}",
+        crowd.count(crowd::Fate::Served),
+        crowd.turned_away,
+        proxy.stderr_tail()
+    );
+    let fds = crowd::open_fds(proxy.pid());
+    let accepted_beyond = fds.saturating_sub(own_fds + 2 * LIMIT);
+    assert!(
+        accepted_beyond <= WORKERS,
+        "at --max-conns {LIMIT} the proxy held {fds} descriptors: {own_fds} of its own, \
+         {} for the flows, and {accepted_beyond} connections accepted beyond the limit \
+         (at most one per worker may wait in the process; the rest belong in the backlog)",
+        2 * LIMIT
+    );
+    crowd.churn(Duration::from_secs(60));
+    check_crowd(&crowd, &backend, LIMIT, &proxy);
+}
+
 #[test]
 fn client_half_close_delivers_all_bytes_then_eof_and_reply_still_flows() {
     const LEN: u64 = 3 << 20;

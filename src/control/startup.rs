@@ -33,7 +33,11 @@ use crate::worker::{Edge, Settings, WorkerSetup};
 /// Events queued from workers before the control thread reads them; beyond this, failures are
 /// dropped (they only feed a counter window, and a flood of them already took the backend down).
 const EVENT_QUEUE: usize = 4096;
-/// Descriptors kept back from the flow budget: listeners, rings, pipes, logs.
+/// Descriptors kept back from the flow budget for the process (besides the 8 per worker:
+/// listener, ring, wake pipe, and the one connection a worker may hold parked at the limit):
+/// stdio, the admin listener and its 4 connections, the access log, up to 32 health checks at
+/// once, the DNS socket, the signal pipe: about 45 at most (19 measured with two workers,
+/// --admin, --access-log and health checks, between checks).
 const RESERVED_FDS: u64 = 64;
 /// Queue of the access-log writer; about 150 bytes a record.
 const ACCESS_LOG_QUEUE: usize = 16384;

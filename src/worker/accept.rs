@@ -3,7 +3,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use io_uring::{opcode, types};
@@ -27,13 +27,10 @@ impl Worker {
         // can stop it. Far from --max-conns that is what we want; close to it, it would pull
         // the whole backlog into user space (and past the fd limit) instead of leaving it in the
         // kernel, so there one connection is accepted per submission.
-        let room = self
-            .settings
-            .max_conns
-            .saturating_sub(self.active_flows.load(Ordering::Relaxed));
+        let multishot = self.room() > self.settings.multishot_accept_room;
         let fd = types::Fd(listener.as_raw_fd());
         let flags = libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
-        let entry = if room > self.settings.multishot_accept_room {
+        let entry = if multishot {
             opcode::AcceptMulti::new(fd).flags(flags).build()
         } else {
             opcode::Accept::new(fd, std::ptr::null_mut(), std::ptr::null_mut())
@@ -42,6 +39,7 @@ impl Worker {
         };
         self.push(entry.user_data(Token::worker(Kind::Accept).encode()));
         self.accept = AcceptState::Armed;
+        self.accept_multishot = multishot;
     }
 
     pub(super) fn cancel_accept(&mut self) {
@@ -54,8 +52,35 @@ impl Worker {
         }
     }
 
+    /// Flows that may still start before `--max-conns` (every worker's, and those whose
+    /// descriptors are still being closed).
+    fn room(&self) -> usize {
+        self.settings
+            .max_conns
+            .saturating_sub(self.active_flows.load(Ordering::Relaxed))
+    }
+
     fn has_room(&self) -> bool {
-        self.active_flows.load(Ordering::Relaxed) < self.settings.max_conns
+        self.room() > 0
+    }
+
+    /// Takes one share of `--max-conns` for a flow about to start, or fails at the limit. A
+    /// compare-and-swap, not a check followed by an add: workers taking the last share at the
+    /// same moment cannot both get it. Given back by `start_flow` (client gone or refused) or
+    /// when the flow's descriptors are closed (`on_flow_closed`).
+    fn take_slot(&self) -> bool {
+        take_share(&self.active_flows, self.settings.max_conns)
+    }
+
+    /// Starts a flow on an accepted connection if a share of `--max-conns` is free and no
+    /// connection accepted earlier is waiting; otherwise parks it, served first when room
+    /// comes back.
+    fn start_or_park(&mut self, fd: OwnedFd) {
+        if self.parked.is_empty() && self.take_slot() {
+            self.start_flow(fd);
+        } else {
+            self.parked.push_back(fd);
+        }
     }
 
     pub(super) fn on_accept(&mut self, res: i32, more: bool) {
@@ -69,17 +94,14 @@ impl Worker {
             if self.hard_stop {
                 return; // dropped: closed
             }
-            if self.has_room() && self.parked.is_empty() {
-                self.start_flow(fd);
-            } else {
-                // Over the limit: hold it like the kernel backlog would (served first when room
-                // comes back), and stop accepting.
-                self.parked.push_back(fd);
+            self.start_or_park(fd);
+            if !self.parked.is_empty() {
+                // Parked at the limit (held like the kernel backlog would; single-shot
+                // accepts make that one per worker), or behind earlier ones: serve them in
+                // order while there is room.
                 self.resume_accepting();
             }
-            if !self.has_room() {
-                self.cancel_accept();
-            }
+            self.narrow_accepting();
         } else {
             match -res {
                 libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM => {
@@ -125,11 +147,7 @@ impl Worker {
                 queued.push(OwnedFd::from(socket));
             }
             for fd in queued {
-                if self.has_room() && self.parked.is_empty() {
-                    self.start_flow(fd);
-                } else {
-                    self.parked.push_back(fd);
-                }
+                self.start_or_park(fd);
             }
         }
         self.listener = None;
@@ -141,11 +159,10 @@ impl Worker {
         if self.hard_stop {
             return;
         }
-        while self.has_room() {
-            let Some(fd) = self.parked.pop_front() else {
-                break;
-            };
-            self.start_flow(fd);
+        while !self.parked.is_empty() && self.take_slot() {
+            if let Some(fd) = self.parked.pop_front() {
+                self.start_flow(fd);
+            }
         }
         if self.stopping {
             return;
@@ -159,5 +176,56 @@ impl Worker {
         if self.has_room() && self.parked.is_empty() {
             self.arm_accept();
         }
+    }
+
+    /// Stops the armed accept when it takes more than the room left allows: at the limit, and
+    /// (multishot) as soon as the room is down to what every worker's listen backlog could fill
+    /// in one go, so that the next accept is single-shot and the rest of a burst stays queued
+    /// in the kernel. A multishot accept left armed until the limit took a whole backlog into
+    /// the process at once: parked connections beyond --max-conns, and descriptors the flows
+    /// then lacked for their backend sockets.
+    fn narrow_accepting(&mut self) {
+        let room = self.room();
+        let too_wide =
+            room == 0 || (self.accept_multishot && room <= self.settings.multishot_accept_room);
+        if too_wide {
+            self.cancel_accept();
+        }
+    }
+}
+
+/// Adds one to `active` unless that would pass `max`; whether it did.
+fn take_share(active: &AtomicUsize, max: usize) -> bool {
+    active
+        .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn shares_taken_at_once_never_pass_the_limit() {
+        const MAX: usize = 100;
+        let active = Arc::new(AtomicUsize::new(0));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let active = Arc::clone(&active);
+                std::thread::spawn(move || (0..10_000).filter(|_| take_share(&active, MAX)).count())
+            })
+            .collect();
+        let taken: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(taken, MAX);
+        assert_eq!(active.load(Ordering::Relaxed), MAX);
+        assert!(!take_share(&active, MAX));
+        active.fetch_sub(1, Ordering::Relaxed);
+        assert!(
+            take_share(&active, MAX),
+            "a share given back can be taken again"
+        );
     }
 }

@@ -23,11 +23,20 @@ use super::token::{self, Kind, Token};
 use super::{timespec, Greeting, Slot, Worker};
 
 impl Worker {
+    /// Starts a flow on `client` in a share of `--max-conns` the caller has taken
+    /// (`take_slot`); gives it back if the client is gone or refused.
     pub(super) fn start_flow(&mut self, client: OwnedFd) {
+        if !self.try_start_flow(client) {
+            // Its descriptor is closed (dropped) already: nothing is left open.
+            self.active_flows.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    fn try_start_flow(&mut self, client: OwnedFd) -> bool {
         let client_addr = match SockRef::from(&client).peer_addr().map(|a| a.as_socket()) {
             Ok(Some(addr)) => addr,
             // The client is already gone (reset while queued): nothing to serve.
-            _ => return,
+            _ => return false,
         };
         let edge = Arc::clone(&self.settings.edge);
         // Behind trusted load balancers the real client is only known from the PROXY header:
@@ -37,7 +46,7 @@ impl Worker {
         if edge.trusted.is_some() {
             if !edge.trusts(client_addr.ip()) {
                 self.refused(client_addr, CloseKind::RefusedProxyHeader);
-                return;
+                return false;
             }
         } else {
             match edge.admit(client_addr.ip()) {
@@ -45,7 +54,7 @@ impl Worker {
                 Err(reason) => {
                     debug!("flow {client_addr}: refused ({reason:?})");
                     self.refused(client_addr, CloseKind::from(reason));
-                    return;
+                    return false;
                 }
             }
         }
@@ -67,7 +76,6 @@ impl Worker {
                 local,
             }));
         }
-        self.active_flows.fetch_add(1, Ordering::Relaxed);
         self.stats.flow_accepted();
         let generation = self.next_generation;
         self.next_generation = (self.next_generation + 1) & token::GENERATION_MASK;
@@ -104,6 +112,7 @@ impl Worker {
         entry.flow.start(&mut ops);
         self.apply(slot, &mut ops);
         self.ops = ops;
+        true
     }
 
     pub(super) fn on_flow_completion(&mut self, token: Token, res: i32, flags: u32) {
@@ -207,7 +216,12 @@ impl Worker {
             }
             Kind::Shutdown(side) => slot.flow.on_shutdown(side, res, &mut ops),
             Kind::Cancel => slot.flow.on_cancel_done(&mut ops),
-            Kind::Accept | Kind::AcceptCancel | Kind::Wake | Kind::Tick | Kind::Close => {}
+            Kind::Accept
+            | Kind::AcceptCancel
+            | Kind::Wake
+            | Kind::Tick
+            | Kind::Close
+            | Kind::FlowClosed => {}
         }
         self.apply(index, &mut ops);
         self.ops = ops;
@@ -299,11 +313,18 @@ impl Worker {
         }
         // Both sockets close through the ring: no system call of their own, and nothing can
         // still refer to them (a flow is released only when none of its operations is in
-        // flight).
-        self.close_async(slot.client.into_raw_fd());
-        if let Some(backend) = slot.backend {
-            self.close_async(backend.into_raw_fd());
-        }
+        // flight). The flow's share of --max-conns is given back when the closes complete.
+        let backend = slot.backend.map(IntoRawFd::into_raw_fd);
+        self.close_flow(slot.client.into_raw_fd(), backend);
+    }
+
+    /// A released flow's descriptors are closed: only now is its share of `--max-conns` free.
+    /// Freeing it at release, with the closes still queued in the ring, let this or another
+    /// worker accept and open a backend socket while those descriptors were still open: more
+    /// backend connections than the limit for a moment, and more descriptors than the limit
+    /// was derived from (EMFILE on the backend socket, which closed a client that could have
+    /// waited).
+    pub(super) fn on_flow_closed(&mut self) {
         self.active_flows.fetch_sub(1, Ordering::Relaxed);
         self.resume_accepting();
     }

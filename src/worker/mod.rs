@@ -191,6 +191,8 @@ struct Worker {
     starved: VecDeque<(u32, u32)>,
     parked: VecDeque<OwnedFd>,
     accept: AcceptState,
+    /// The armed accept is multishot (see `Worker::narrow_accepting`).
+    accept_multishot: bool,
     accept_resume_at: Option<Instant>,
     timers: TimerWheel,
     due: Vec<(u32, u32)>,
@@ -285,6 +287,7 @@ impl Worker {
             starved: VecDeque::new(),
             parked: VecDeque::new(),
             accept: AcceptState::Paused,
+            accept_multishot: false,
             accept_resume_at: None,
             timers: TimerWheel::new(512),
             due: Vec::new(),
@@ -322,6 +325,9 @@ impl Worker {
                 && self.parked.is_empty()
                 && self.accept == AcceptState::Closed
             {
+                // The last released flows' closes may still be queued: hand them to the
+                // kernel, or their descriptors stay open until the process exits.
+                let _ = self.ring.submit();
                 return Ok(());
             }
             // With idle flows still to close, collect what is ready without sleeping and come
@@ -360,6 +366,7 @@ impl Worker {
         match token.kind {
             Kind::Accept => self.on_accept(res, cqueue::more(flags)),
             Kind::AcceptCancel | Kind::Close => {}
+            Kind::FlowClosed => self.on_flow_closed(),
             Kind::Wake => self.on_wake(res),
             Kind::Tick => self.on_tick(),
             _ => self.on_flow_completion(token, res, flags),

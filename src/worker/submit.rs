@@ -80,13 +80,25 @@ impl Worker {
         }
     }
 
-    /// Closes a descriptor this worker owns through the ring. Its completion is skipped on
-    /// success; a failure (nothing useful to do about it) is routed to `Kind::Close` and ignored.
-    pub(super) fn close_async(&mut self, fd: RawFd) {
-        let entry = opcode::Close::new(types::Fd(fd))
-            .build()
-            .flags(squeue::Flags::SKIP_SUCCESS)
-            .user_data(Token::worker(Kind::Close).encode());
-        self.push(entry);
+    /// Closes a released flow's sockets through the ring. The closes are hard-linked (the
+    /// second runs even if the first fails) and only the last one always completes, as
+    /// `FlowClosed`: until then the descriptors are still open, so the flow keeps its share of
+    /// `--max-conns` (see `Worker::on_flow_closed`).
+    pub(super) fn close_flow(&mut self, client: RawFd, backend: Option<RawFd>) {
+        let last = |fd| {
+            opcode::Close::new(types::Fd(fd))
+                .build()
+                .user_data(Token::worker(Kind::FlowClosed).encode())
+        };
+        match backend {
+            None => self.push(last(client)),
+            Some(backend) => {
+                let first = opcode::Close::new(types::Fd(client))
+                    .build()
+                    .flags(squeue::Flags::IO_HARDLINK | squeue::Flags::SKIP_SUCCESS)
+                    .user_data(Token::worker(Kind::Close).encode());
+                self.push_linked(first, last(backend));
+            }
+        }
     }
 }

@@ -29,6 +29,9 @@ pub enum Kind {
     Preface,
     /// Close of a released flow's socket (not tied to a flow; only failures complete).
     Close,
+    /// The last close of a released flow's sockets (not tied to a flow): its descriptors are
+    /// gone, so its share of `--max-conns` is free again.
+    FlowClosed,
 }
 
 impl Kind {
@@ -50,6 +53,7 @@ impl Kind {
             Kind::HeaderRecv => 14,
             Kind::Preface => 15,
             Kind::Close => 16,
+            Kind::FlowClosed => 17,
         }
     }
 
@@ -71,6 +75,7 @@ impl Kind {
             14 => Kind::HeaderRecv,
             15 => Kind::Preface,
             16 => Kind::Close,
+            17 => Kind::FlowClosed,
             _ => return None,
         })
     }
@@ -122,7 +127,7 @@ mod tests {
 
     #[test]
     fn round_trips_every_kind() {
-        for code in 1..=16u8 {
+        for code in 1..=17u8 {
             let kind = Kind::from_code(code).unwrap();
             assert_eq!(kind.code(), code);
             let token = Token::new(123_456, 0xabcdef, kind);

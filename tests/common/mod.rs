@@ -9,6 +9,7 @@
 #![allow(dead_code)] // each test file uses a different part of the harness
 
 pub mod admin;
+pub mod crowd;
 pub mod dnsmasq;
 pub mod impair;
 pub mod netns;
@@ -757,6 +758,28 @@ pub fn wait_signal_handlers(proxy: &Proxy) {
         "the proxy does not catch SIGHUP/SIGINT/SIGTERM {CLOSE_TIMEOUT:?} after start (SigCgt {:x})\n{}",
         caught(),
         proxy.stderr_tail()
+    );
+}
+
+/// Raises this process's soft open-file limit to at least `want` (bounded by the hard limit);
+/// tests that hold many sockets call it. Raising it cannot hurt tests running alongside.
+pub fn raise_nofile(want: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read or write the struct we pass.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        if lim.rlim_cur < want as libc::rlim_t {
+            lim.rlim_cur = (want as libc::rlim_t).min(lim.rlim_max);
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+        }
+    }
+    assert!(
+        lim.rlim_cur >= want as libc::rlim_t,
+        "this test needs {want} open files; the hard limit is {}",
+        lim.rlim_max
     );
 }
 
