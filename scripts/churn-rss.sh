@@ -7,12 +7,12 @@
 # Starts a `ringway-load serve --mode echo` backend and target/release/ringway in front of it
 # (--admin on loopback; other flags at their defaults unless given), then drives
 # `ringway-load connect` (a new connection for every 64-byte exchange) in steps of --step
-# seconds (default 15) for --minutes (default 9). After every step it samples the proxy: VmRSS
+# seconds (default 15) for --minutes (default 12). After every step it samples the proxy: VmRSS
 # and RssAnon (/proc/PID/status), open descriptors (/proc/PID/fd), anonymous mappings
 # (/proc/PID/maps), and from /metrics the flows accepted and active. It prints one table row
 # per step and, at the end, a verdict: the median RSS of the last third of the steps against
-# the middle third (the first third is warm-up: with an idle timeout, one turn of the timer
-# wheel, 128 s, at the peak rate; see docs/benchmarks.md): "plateau" if the growth is within
+# the middle third (the first third is warm-up: with an idle timeout, a few turns of the timer
+# wheel, 128 s each, at the peak rate; see docs/benchmarks.md): "plateau" if the growth is within
 # --tolerance-pct (default 3%) or 256 kB, whichever is larger, and descriptors did not grow,
 # else "growth" (exit status 1). Everything it starts is stopped on exit (by saved PID).
 set -uo pipefail
@@ -21,7 +21,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=scripts/lib/common.sh
 source "$ROOT/scripts/lib/common.sh"
 
-MINUTES=9 STEP=15 CONNS=16 WORKERS="" IDLE="" TOL_PCT=3 ACCESS_LOG=0 BUILD=1
+MINUTES=12 STEP=15 CONNS=16 WORKERS="" IDLE="" TOL_PCT=3 ACCESS_LOG=0 BUILD=1
 usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -134,6 +134,14 @@ print(f"RSS: start {rows[0][4]} kB, after step 1 {first:.0f} kB, peak {peak:.0f}
       f"after the load {rows[-1][4]} kB")
 print(f"median RSS middle third {m_rss:.0f} kB, last third {l_rss:.0f} kB: {grow:+.0f} kB (tolerance {tol:.0f} kB); "
       f"fds middle {m_fd:.0f}, last {l_fd:.0f}; after the load {rows[-1][6]} fds, {rows[-1][3]} flows active")
+# how fast RSS grew per connection in each third: a leak keeps its slope, a high-water mark loses it
+def slope(rs, prev):
+    conns = float(rs[-1][1]) - float(prev[1])
+    return (float(rs[-1][4]) - float(prev[4])) * 1024 / conns if conns > 0 else 0.0
+thirds = [steps[:third], mid, last]
+prevs = [rows[0], steps[third - 1], steps[n - third - 1]]
+print("RSS growth per connection, by third: " +
+      ", ".join(f"{slope(t, p):.2f} B" for t, p in zip(thirds, prevs)))
 verdict = "plateau" if grow <= tol and l_fd <= m_fd + 8 else "growth"
 print(f"verdict: {verdict}")
 sys.exit(0 if verdict == "plateau" else 1)
