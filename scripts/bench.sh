@@ -270,6 +270,7 @@ if "latency_us" in r and r["latency_us"]["count"]:
 if "ok" in r and "failed" in r: parts.append(f"ok={r['ok']} failed={r['failed']}")
 if "late_sends" in r: parts.append(f"late_sends={r['late_sends']}")
 parts.append(f"errors={r.get('errors', '?')}")
+if r.get("unfinished"): parts.append(f"unfinished={r['unfinished']}")
 print(" ".join(parts))
 PY
 }

@@ -6,6 +6,9 @@
 //! - down: `source` backend -> client; counted while the clock runs, then closed.
 //! - both: client <-> `echo` backend, writing and reading at once; at the end the client shuts
 //!   down writing, reads the rest of the echo, and checks received == sent.
+//!
+//! A stream still draining when the drain's time is up is an `unfinished_stream` error, and one
+//! that ran to the end without moving a byte its way a `no_data` error: neither counts as ok.
 
 use crate::net::{connect_result, error_kind, start_connect, would_block};
 use crate::payload::{check_stream, window, MAX_WINDOW};
@@ -217,7 +220,7 @@ fn run_thread(
             }
             if now >= drain_deadline {
                 for s in streams.iter_mut().filter(|s| s.phase == Phase::Draining) {
-                    stats.record_error("timeout_drain");
+                    stats.record_unfinished("stream");
                     s.phase = Phase::Failed;
                 }
                 break;
@@ -246,6 +249,17 @@ fn run_thread(
         Direction::Down => common.duration,
         _ => last_done.max(t_end).duration_since(t0),
     };
+    // A stream that ran to the end without moving a byte its way did nothing useful.
+    for s in streams.iter_mut().filter(|s| s.phase == Phase::Done) {
+        let moved = match cfg.direction {
+            Direction::Up => s.sent,
+            Direction::Down | Direction::Both => s.received,
+        };
+        if moved == 0 {
+            stats.record_error("no_data");
+            s.phase = Phase::Failed;
+        }
+    }
     let ok = streams.iter().filter(|s| s.phase == Phase::Done).count() as u64;
     (stats, elapsed, ok)
 }

@@ -1,5 +1,7 @@
 //! `idle`: open N flows (spread over several client source addresses), check each once
 //! end to end, report "ready" (and write the ready file), hold them idle, then check each again.
+//! A check round waits at most `timeout` (2 s or more) for its replies; a reply still missing
+//! then is an `unfinished_reply` error (`first_unfinished_reply` in the first round).
 
 use crate::net::{connect_blocking, error_kind, would_block};
 use crate::payload::{check_reply, make_request};
@@ -97,6 +99,7 @@ pub fn run(cfg: &IdleConfig, stop: Arc<AtomicBool>) -> IdleResult {
     for (k, v) in &scratch.errors {
         *res.stats.errors.entry(format!("first_{k}")).or_insert(0) += v;
     }
+    res.stats.unfinished += scratch.unfinished;
     eprintln!("ready: {} flows open and checked", res.first_ok);
     if let Some(p) = &cfg.ready_file {
         if let Err(e) = std::fs::write(p, format!("{}\n", res.first_ok)) {
@@ -187,7 +190,8 @@ fn exchange_all(
     }
     for (i, p) in pending.iter_mut().enumerate() {
         if *p {
-            stats.record_error("timeout_reply");
+            // still in flight when the round stopped waiting
+            stats.record_unfinished("reply");
             *p = false;
             drop_flow(poll, flows, i);
         }

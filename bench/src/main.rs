@@ -9,7 +9,9 @@ use ringway_load::rr::{self, RrConfig, RrResult};
 use ringway_load::server::{self, Mode, ServeConfig};
 use ringway_load::soak;
 use ringway_load::sources::parse_sources;
-use ringway_load::stats::{errors_line, json_latency_and_errors, latency_line, Json};
+use ringway_load::stats::{
+    errors_line, json_latency_and_errors, latency_line, round3, unfinished_line, Json,
+};
 use ringway_load::{connect, Common};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -439,6 +441,7 @@ fn run(cmd: Cmd) -> Result<ExitCode, String> {
                     res.streams_ok,
                     a.streams
                 );
+                println!("  {}", unfinished_line(s));
                 println!("  {}", errors_line(s));
             }
             let bad = s.error_total() > 0 || res.streams_ok < a.streams as u64;
@@ -535,6 +538,21 @@ fn run(cmd: Cmd) -> Result<ExitCode, String> {
             }
             let spread: Vec<String> = backends.iter().map(|(b, n)| format!("{b}: {n}")).collect();
             println!("clients per backend: {}", spread.join(", "));
+            let attempts: usize = lines.iter().map(|l| l.answers.len()).sum();
+            let answered: usize = lines
+                .iter()
+                .map(|l| l.answers.iter().filter(|a| a.is_ok()).count())
+                .sum();
+            let unfinished: usize = lines.iter().map(|l| l.unfinished()).sum();
+            println!(
+                "attempts: {attempts}, answered {answered}, failed {}; unfinished at the end: {unfinished}{}",
+                attempts - answered,
+                if unfinished > 0 {
+                    " (no answer within --timeout; counted as failed)"
+                } else {
+                    ""
+                }
+            );
             let ok = lines.iter().all(|l| l.all_ok());
             Ok(if ok {
                 ExitCode::SUCCESS
@@ -598,6 +616,7 @@ fn run(cmd: Cmd) -> Result<ExitCode, String> {
                     res.failed()
                 );
                 println!("  check {}", latency_line(s));
+                println!("  {}", unfinished_line(s));
                 println!("  {}", errors_line(s));
             }
             Ok(if res.failed() > 0 {
@@ -625,7 +644,10 @@ fn report_rr(name: &str, cfg: &RrConfig, res: &RrResult, json: bool) -> ExitCode
             .num("duration_s", secs)
             .int("ok", s.ok)
             .num(if name == "connect" { "cps" } else { "rps" }, per_sec)
-            .int("connects", res.connects);
+            .int("connects", res.connects)
+            .int("in_flight_at_end", res.in_flight_at_end)
+            .int("finished_after_end", res.finished_after_end)
+            .num("drain_s", round3(res.drain.as_secs_f64()));
         if let Some(r) = cfg.rate {
             j.num("rate", r).int("late_sends", res.late_sends);
         }
@@ -649,6 +671,12 @@ fn report_rr(name: &str, cfg: &RrConfig, res: &RrResult, json: bool) -> ExitCode
             );
         }
         println!("  {}", latency_line(s));
+        println!(
+            "  in flight at the end: {}, finished within --timeout after it: {} (not counted above); {}",
+            res.in_flight_at_end,
+            res.finished_after_end,
+            unfinished_line(s)
+        );
         println!("  {}", errors_line(s));
     }
     if s.error_total() > 0 || s.ok == 0 {

@@ -12,6 +12,12 @@
 //! timer's ~1 ms granularity belongs to the load generator, not to the system under test (to
 //! stay on schedule despite it, sends may leave up to 1 ms early).
 //! Sends that left more than 1 ms after their intended time are counted as `late_sends`.
+//!
+//! The end of a run: no new exchange starts after `duration`, and the exchanges still in flight
+//! (a request without its reply, a connect not finished) get until their own deadline, at most
+//! `timeout` after the end, to finish. Those that finish are reported as `finished_after_end`
+//! (not in `ok` or the latency, which cover the measured interval); those that do not are
+//! `unfinished` errors. A run therefore never ends with work left in flight and "0 errors".
 
 use crate::net::{connect_result, error_kind, start_connect, would_block};
 use crate::payload::{check_reply, make_request};
@@ -46,6 +52,23 @@ pub struct RrResult {
     pub connects: u64,
     /// Rate mode: sends that left more than 1 ms after their intended time.
     pub late_sends: u64,
+    /// Exchanges (or rr reconnects) in flight when the measured interval ended.
+    pub in_flight_at_end: u64,
+    /// Of those, the ones that finished within `timeout` after the end; the rest are
+    /// `stats.unfinished`, or errors of another kind if they failed otherwise (a reset, ...).
+    pub finished_after_end: u64,
+    /// How long the wait for them took (longest thread).
+    pub drain: Duration,
+}
+
+/// What one load thread hands back.
+struct ThreadResult {
+    stats: Stats,
+    connects: u64,
+    late: u64,
+    in_flight_at_end: u64,
+    finished_after_end: u64,
+    drain: Duration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,6 +113,10 @@ struct Ctx<'a> {
     rbuf: Vec<u8>,
     /// Measurement running (false before the start and after the end).
     measuring: bool,
+    /// After the end: finishing the exchanges in flight, starting none.
+    draining: bool,
+    /// Exchanges that finished while draining.
+    drained: u64,
     interval: Option<Duration>,
 }
 
@@ -102,7 +129,7 @@ const EARLY: Duration = Duration::from_millis(1);
 pub fn run(cfg: &RrConfig) -> RrResult {
     let threads = cfg.common.threads.clamp(1, cfg.common.conns.max(1));
     let barrier = Barrier::new(threads);
-    let results: Vec<(Stats, u64, u64)> = std::thread::scope(|s| {
+    let results: Vec<ThreadResult> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..threads)
             .map(|t| {
                 let barrier = &barrier;
@@ -113,22 +140,35 @@ pub fn run(cfg: &RrConfig) -> RrResult {
             .map(|h| h.join().expect("load thread panicked"))
             .collect()
     });
-    let mut stats = Stats::new();
-    let (mut connects, mut late) = (0, 0);
-    for (s, c, l) in &results {
-        stats.merge(s);
-        connects += c;
-        late += l;
-    }
-    RrResult {
-        stats,
+    let mut res = RrResult {
+        stats: Stats::new(),
         elapsed: cfg.common.duration,
-        connects,
-        late_sends: late,
+        connects: 0,
+        late_sends: 0,
+        in_flight_at_end: 0,
+        finished_after_end: 0,
+        drain: Duration::ZERO,
+    };
+    for r in &results {
+        res.stats.merge(&r.stats);
+        res.connects += r.connects;
+        res.late_sends += r.late;
+        res.in_flight_at_end += r.in_flight_at_end;
+        res.finished_after_end += r.finished_after_end;
+        res.drain = res.drain.max(r.drain);
     }
+    res
 }
 
-fn run_thread(cfg: &RrConfig, t: usize, threads: usize, barrier: &Barrier) -> (Stats, u64, u64) {
+/// An exchange (or a connect) is under way on this slot: it owes an outcome.
+fn in_flight(st: St) -> bool {
+    matches!(
+        st,
+        St::Connecting | St::Greeting | St::Sending | St::Receiving
+    )
+}
+
+fn run_thread(cfg: &RrConfig, t: usize, threads: usize, barrier: &Barrier) -> ThreadResult {
     let mut common = cfg.common.clone();
     common.threads = threads;
     let ids = common.conns_of_thread(t);
@@ -142,6 +182,8 @@ fn run_thread(cfg: &RrConfig, t: usize, threads: usize, barrier: &Barrier) -> (S
         timers: BinaryHeap::new(),
         rbuf: vec![0u8; cfg.size.clamp(4096, 256 * 1024)],
         measuring: false,
+        draining: false,
+        drained: 0,
         interval: cfg
             .rate
             .filter(|r| *r > 0.0)
@@ -265,7 +307,61 @@ fn run_thread(cfg: &RrConfig, t: usize, threads: usize, barrier: &Barrier) -> (S
             drive(&mut slots[i], i, &mut ctx);
         }
     }
-    (ctx.stats, ctx.connects, ctx.late)
+
+    // Phase 3: the work in flight at the end gets until its deadline (at most `timeout` after
+    // the end) to finish; nothing new starts. What does not finish is an `unfinished` error.
+    ctx.measuring = false;
+    ctx.draining = true;
+    let drain_start = Instant::now();
+    let drain_until = drain_start + cfg.common.timeout;
+    let in_flight_at_end = slots.iter().filter(|s| in_flight(s.st)).count() as u64;
+    loop {
+        let now = Instant::now();
+        let mut wake = drain_until;
+        for s in slots.iter_mut() {
+            if !in_flight(s.st) {
+                continue;
+            }
+            if now >= s.deadline || now >= drain_until {
+                let what = match s.st {
+                    St::Connecting => "connect",
+                    St::Greeting => "greeting",
+                    _ => "reply",
+                };
+                ctx.stats.record_unfinished(what);
+                close(s, &mut ctx);
+                s.st = St::Ready;
+            } else {
+                wake = wake.min(s.deadline);
+            }
+        }
+        if !slots.iter().any(|s| in_flight(s.st)) {
+            break;
+        }
+        let timeout = wake.saturating_duration_since(Instant::now());
+        if let Err(e) = ctx.poll.poll(&mut events, Some(timeout)) {
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                ctx.stats.record_error("poll");
+                for s in slots.iter_mut().filter(|s| in_flight(s.st)) {
+                    ctx.stats.record_unfinished("reply");
+                    s.st = St::Ready;
+                }
+                break;
+            }
+        }
+        for ev in events.iter() {
+            let i = ev.token().0;
+            drive(&mut slots[i], i, &mut ctx);
+        }
+    }
+    ThreadResult {
+        stats: ctx.stats,
+        connects: ctx.connects,
+        late: ctx.late,
+        in_flight_at_end,
+        finished_after_end: ctx.drained,
+        drain: drain_start.elapsed(),
+    }
 }
 
 fn open(s: &mut Slot, i: usize, ctx: &mut Ctx) {
@@ -314,7 +410,10 @@ fn fail(s: &mut Slot, i: usize, ctx: &mut Ctx, kind: &str) {
 
 /// Start the next exchange on a connected slot (or schedule it, in rate mode).
 fn begin(s: &mut Slot, i: usize, ctx: &mut Ctx, now: Instant, by_timer: bool) {
-    if !ctx.measuring {
+    // Before the start, and while draining, a connection that comes up has nothing more to do,
+    // except in `connect`, where the connect is the start of an exchange already under way.
+    let exchange_under_way = ctx.measuring || (ctx.draining && ctx.cfg.reconnect);
+    if !exchange_under_way {
         s.st = St::Ready;
         return;
     }
@@ -412,7 +511,11 @@ fn drive(s: &mut Slot, i: usize, ctx: &mut Ctx) {
                             ctx.stats.record_ok(now.duration_since(s.origin));
                         }
                         s.seq += 1;
-                        if ctx.cfg.reconnect {
+                        if ctx.draining {
+                            ctx.drained += 1;
+                            close(s, ctx);
+                            s.st = St::Ready;
+                        } else if ctx.cfg.reconnect {
                             open(s, i, ctx);
                         } else {
                             begin(s, i, ctx, now, false);

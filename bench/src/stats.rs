@@ -17,6 +17,10 @@ pub struct Stats {
     pub ok: u64,
     /// Errors by kind. Every error is counted here; none is dropped.
     pub errors: BTreeMap<String, u64>,
+    /// Work that was still in flight when the run stopped waiting for it (a request without
+    /// its reply, a connect not finished, a stream not drained). Each is also an error, of
+    /// kind `unfinished_<what>`, so a run that leaves work behind never reports success.
+    pub unfinished: u64,
     pub bytes_up: u64,
     pub bytes_down: u64,
 }
@@ -33,6 +37,7 @@ impl Stats {
             hist: Histogram::new_with_bounds(1, MAX_LATENCY_NS, 3).expect("histogram bounds"),
             ok: 0,
             errors: BTreeMap::new(),
+            unfinished: 0,
             bytes_up: 0,
             bytes_down: 0,
         }
@@ -49,6 +54,12 @@ impl Stats {
         *self.errors.entry(kind.to_string()).or_insert(0) += 1;
     }
 
+    /// Work in flight at the end that never finished: counted apart and as an error.
+    pub fn record_unfinished(&mut self, what: &str) {
+        self.record_error(&format!("unfinished_{what}"));
+        self.unfinished += 1;
+    }
+
     pub fn error_total(&self) -> u64 {
         self.errors.values().sum()
     }
@@ -59,6 +70,7 @@ impl Stats {
         for (k, v) in &other.errors {
             *self.errors.entry(k.clone()).or_insert(0) += v;
         }
+        self.unfinished += other.unfinished;
         self.bytes_up += other.bytes_up;
         self.bytes_down += other.bytes_down;
     }
@@ -201,6 +213,7 @@ pub fn json_latency_and_errors(j: &mut Json, s: &Stats) {
     j.int("count", s.hist.len());
     j.close();
     j.int("errors", s.error_total());
+    j.int("unfinished", s.unfinished);
     j.open("error_kinds");
     for (k, v) in &s.errors {
         j.int(k, *v);
@@ -233,6 +246,18 @@ pub fn errors_line(s: &Stats) -> String {
     } else {
         let kinds: Vec<String> = s.errors.iter().map(|(k, v)| format!("{k}={v}")).collect();
         format!("errors: {} ({})", s.error_total(), kinds.join(", "))
+    }
+}
+
+/// What was left in flight at the end, for humans (also among the errors).
+pub fn unfinished_line(s: &Stats) -> String {
+    if s.unfinished == 0 {
+        "unfinished at the end: 0".to_string()
+    } else {
+        format!(
+            "unfinished at the end: {} (no outcome within --timeout; counted as errors)",
+            s.unfinished
+        )
     }
 }
 
@@ -275,12 +300,15 @@ mod tests {
         b.record_error("timeout");
         b.record_error("timeout");
         a.record_error("connect");
+        b.record_unfinished("reply");
         a.bytes_up = 5;
         b.bytes_down = 7;
         a.merge(&b);
         assert_eq!(a.ok, 2);
         assert_eq!(a.hist.len(), 2);
-        assert_eq!(a.error_total(), 3);
+        assert_eq!(a.error_total(), 4);
+        assert_eq!(a.unfinished, 1);
+        assert_eq!(a.errors["unfinished_reply"], 1);
         assert_eq!(a.errors["timeout"], 2);
         assert_eq!((a.bytes_up, a.bytes_down), (5, 7));
         assert!(a.max_us() >= 9_990.0);
@@ -301,6 +329,26 @@ mod tests {
         assert_eq!(s.quantile_us(0.99), 0.0);
         assert_eq!(s.max_us(), 0.0);
         assert_eq!(errors_line(&s), "errors: 0");
+        assert_eq!(unfinished_line(&s), "unfinished at the end: 0");
+    }
+
+    #[test]
+    fn unfinished_work_is_an_error_and_shown() {
+        let mut s = Stats::new();
+        s.record_unfinished("reply");
+        s.record_unfinished("reply");
+        s.record_unfinished("connect");
+        assert_eq!(s.unfinished, 3);
+        assert_eq!(s.error_total(), 3);
+        assert_eq!(
+            errors_line(&s),
+            "errors: 3 (unfinished_connect=1, unfinished_reply=2)"
+        );
+        assert!(unfinished_line(&s).starts_with("unfinished at the end: 3 "));
+        let mut j = Json::new();
+        json_latency_and_errors(&mut j, &s);
+        let out = j.finish();
+        assert!(out.contains("\"errors\":3,\"unfinished\":3,"), "{out}");
     }
 
     #[test]

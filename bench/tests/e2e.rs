@@ -3,7 +3,7 @@
 //! server printing its address; every wait is bounded.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -94,6 +94,10 @@ fn rr_and_connect_against_echo() {
     assert!(json_num(&out, "ok") > 100.0);
     assert_eq!(json_num(&out, "errors"), 0.0);
     assert!(json_num(&out, "p99") > 0.0);
+    // closed loop: every connection has a request out when the clock stops; each is answered
+    assert_eq!(json_num(&out, "in_flight_at_end"), 4.0, "{out}");
+    assert_eq!(json_num(&out, "finished_after_end"), 4.0, "{out}");
+    assert_eq!(json_num(&out, "unfinished"), 0.0, "{out}");
 
     let (ok, out) = workload(&[
         "rr",
@@ -129,6 +133,12 @@ fn rr_and_connect_against_echo() {
     assert!(ok, "{out}");
     assert!(json_num(&out, "cps") > 50.0);
     assert_eq!(json_num(&out, "errors"), 0.0);
+    assert_eq!(json_num(&out, "unfinished"), 0.0, "{out}");
+    assert_eq!(
+        json_num(&out, "in_flight_at_end"),
+        json_num(&out, "finished_after_end"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -153,6 +163,7 @@ fn bulk_every_direction() {
         assert!(ok, "{dir}: {out}");
         assert!(json_num(&out, "gbps") > 0.01, "{dir}: {out}");
         assert_eq!(json_num(&out, "streams_ok"), 2.0);
+        assert_eq!(json_num(&out, "unfinished"), 0.0, "{dir}: {out}");
         if dir == "both" {
             assert_eq!(json_num(&out, "bytes_up"), json_num(&out, "bytes_down"));
         }
@@ -181,6 +192,7 @@ fn idle_flows_over_many_sources() {
     assert!(ok, "{out}");
     assert_eq!(json_num(&out, "ok"), 500.0);
     assert_eq!(json_num(&out, "failed"), 0.0);
+    assert_eq!(json_num(&out, "unfinished"), 0.0, "{out}");
     assert_eq!(json_num(&out, "sources"), 19.0);
     assert_eq!(
         std::fs::read_to_string(&ready).expect("ready file").trim(),
@@ -308,4 +320,204 @@ fn probe_and_greeting_rr_against_hello() {
     ]);
     assert!(ok, "{out}");
     assert_eq!(json_num(&out, "errors"), 0.0);
+}
+
+/// A backend in this process: it accepts `conns` connections; the first `echo` of them get
+/// their bytes back, the others are held open and never read or answered. Everything it holds
+/// is dropped when the returned sender is dropped (or after 30 s).
+fn partly_silent_backend(conns: usize, echo: usize) -> (SocketAddr, mpsc::Sender<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for n in 0..conns {
+            let Ok((stream, _)) = listener.accept() else {
+                return;
+            };
+            if n < echo {
+                std::thread::spawn(move || {
+                    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+                    let mut s = stream;
+                    let mut buf = [0u8; 4096];
+                    while let Ok(k) = s.read(&mut buf) {
+                        if k == 0 || s.write_all(&buf[..k]).is_err() {
+                            break;
+                        }
+                    }
+                });
+            } else {
+                held.push(stream);
+            }
+        }
+        let _ = done_rx.recv_timeout(Duration::from_secs(30));
+        drop(held);
+    });
+    (addr, done_tx)
+}
+
+#[test]
+fn rr_against_a_backend_that_never_answers_reports_the_requests_left_unanswered() {
+    // a sink reads every request and never answers
+    let sink = serve(&["--listen", "127.0.0.1:0", "--mode", "sink"], 1);
+    let target = sink.addrs[0].to_string();
+    let args = [
+        "rr",
+        "--target",
+        &target,
+        "--duration",
+        "300ms",
+        "--conns",
+        "3",
+        "--timeout",
+        "1s",
+    ];
+    let (ok, out) = workload(&[&args[..], &["--json"]].concat());
+    assert!(!ok, "requests left unanswered must fail the run: {out}");
+    assert_eq!(json_num(&out, "ok"), 0.0, "{out}");
+    assert_eq!(json_num(&out, "in_flight_at_end"), 3.0, "{out}");
+    assert_eq!(json_num(&out, "finished_after_end"), 0.0, "{out}");
+    assert_eq!(json_num(&out, "unfinished"), 3.0, "{out}");
+    assert_eq!(json_num(&out, "errors"), 3.0, "{out}");
+    assert_eq!(json_num(&out, "unfinished_reply"), 3.0, "{out}");
+
+    let (ok, out) = workload(&args);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("unfinished at the end: 3 "),
+        "text output shows them: {out}"
+    );
+    assert!(out.contains("errors: 3 (unfinished_reply=3)"), "{out}");
+}
+
+#[test]
+fn rr_with_one_stuck_connection_is_not_a_success() {
+    // two connections: one answered at full speed, one never; before, this run reported
+    // thousands of requests, "errors: 0" and exit status 0
+    let (addr, _hold) = partly_silent_backend(2, 1);
+    let (ok, out) = workload(&[
+        "rr",
+        "--target",
+        &addr.to_string(),
+        "--duration",
+        "500ms",
+        "--conns",
+        "2",
+        "--timeout",
+        "1500ms",
+        "--json",
+    ]);
+    assert!(!ok, "a stuck request must fail the run: {out}");
+    assert!(json_num(&out, "ok") > 10.0, "{out}");
+    assert_eq!(json_num(&out, "in_flight_at_end"), 2.0, "{out}");
+    assert_eq!(json_num(&out, "finished_after_end"), 1.0, "{out}");
+    assert_eq!(json_num(&out, "unfinished"), 1.0, "{out}");
+    assert_eq!(json_num(&out, "errors"), 1.0, "{out}");
+}
+
+#[test]
+fn connect_against_a_backend_that_never_answers_reports_unfinished_exchanges() {
+    let sink = serve(&["--listen", "127.0.0.1:0", "--mode", "sink"], 1);
+    let (ok, out) = workload(&[
+        "connect",
+        "--target",
+        &sink.addrs[0].to_string(),
+        "--duration",
+        "300ms",
+        "--conns",
+        "2",
+        "--timeout",
+        "1s",
+        "--json",
+    ]);
+    assert!(!ok, "{out}");
+    assert_eq!(json_num(&out, "ok"), 0.0, "{out}");
+    assert_eq!(json_num(&out, "in_flight_at_end"), 2.0, "{out}");
+    assert_eq!(json_num(&out, "unfinished"), 2.0, "{out}");
+    assert_eq!(json_num(&out, "errors"), 2.0, "{out}");
+}
+
+#[test]
+fn bulk_that_moves_nothing_or_cannot_drain_fails() {
+    // down from a backend that never sends: the streams "ran" but carried nothing
+    let sink = serve(&["--listen", "127.0.0.1:0", "--mode", "sink"], 1);
+    let (ok, out) = workload(&[
+        "bulk",
+        "--target",
+        &sink.addrs[0].to_string(),
+        "--duration",
+        "300ms",
+        "--streams",
+        "2",
+        "--direction",
+        "down",
+        "--json",
+    ]);
+    assert!(!ok, "a bulk run that moved no byte must fail: {out}");
+    assert_eq!(json_num(&out, "streams_ok"), 0.0, "{out}");
+    assert_eq!(json_num(&out, "no_data"), 2.0, "{out}");
+
+    // up to a backend that never reads: the bytes in flight at the end are never delivered
+    let (addr, _hold) = partly_silent_backend(2, 0);
+    let (ok, out) = workload(&[
+        "bulk",
+        "--target",
+        &addr.to_string(),
+        "--duration",
+        "300ms",
+        "--streams",
+        "2",
+        "--direction",
+        "up",
+        "--timeout",
+        "500ms",
+        "--json",
+    ]);
+    assert!(!ok, "{out}");
+    assert_eq!(json_num(&out, "unfinished"), 2.0, "{out}");
+    assert_eq!(json_num(&out, "unfinished_stream"), 2.0, "{out}");
+}
+
+#[test]
+fn idle_and_probe_report_checks_left_unanswered() {
+    let sink = serve(&["--listen", "127.0.0.1:0", "--mode", "sink"], 1);
+    let target = sink.addrs[0].to_string();
+    let (ok, out) = workload(&[
+        "idle",
+        "--target",
+        &target,
+        "--conns",
+        "3",
+        "--hold",
+        "10ms",
+        "--timeout",
+        "300ms",
+        "--json",
+    ]);
+    assert!(!ok, "{out}");
+    assert_eq!(json_num(&out, "ok"), 0.0, "{out}");
+    assert_eq!(json_num(&out, "unfinished"), 3.0, "{out}");
+    assert_eq!(json_num(&out, "first_unfinished_reply"), 3.0, "{out}");
+
+    // probe waits for a greeting a sink never sends
+    let (ok, out) = workload(&[
+        "probe",
+        "--target",
+        &target,
+        "--sources",
+        "127.0.0.2",
+        "--times",
+        "2",
+        "--timeout",
+        "300ms",
+    ]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("attempts: 2, answered 0, failed 2; unfinished at the end: 2"),
+        "{out}"
+    );
+    assert!(
+        out.contains("[unfinished: no greeting within 300ms]"),
+        "{out}"
+    );
 }

@@ -35,6 +35,7 @@ ROWS = [
     ("idle_bytes_per_flow", "proxy RSS per idle flow (bytes)", "low"),
     ("idle_failed", "idle flows failed after the hold", "low"),
     ("errors", "errors (all runs)", "low"),
+    ("unfinished", "of which unfinished at the end of a run (all runs)", "low"),
 ]
 
 
@@ -78,7 +79,7 @@ def metrics_of(run):
 def fmt(v, key):
     if v is None:
         return "–"
-    if key in ("errors", "idle_failed"):
+    if key in ("errors", "unfinished", "idle_failed"):
         return f"{v:.0f}"
     if key.endswith("gbps"):
         return f"{v:.2f}"
@@ -182,9 +183,11 @@ def main():
     runs = [json.loads(l) for l in open(a.runs) if l.strip()]
     per = {}
     errors = {}
+    unfinished = {}
     for run in runs:
         c = run["contender"]
         errors[c] = errors.get(c, 0) + int(run["result"].get("errors", 0) or 0)
+        unfinished[c] = unfinished.get(c, 0) + int(run["result"].get("unfinished", 0) or 0)
         if run.get("rc", 0) != 0 and not run["result"]:
             errors[c] += 1
         for k, v in metrics_of(run).items():
@@ -192,6 +195,7 @@ def main():
     summary = {c: {k: statistics.median(v) for k, v in ms.items()} for c, ms in per.items()}
     for c in errors:
         summary.setdefault(c, {})["errors"] = errors[c]
+        summary[c]["unfinished"] = unfinished[c]
     contenders = [c for c in ORDER if c in summary] + [c for c in summary if c not in ORDER]
     ratios = []
     if "ringway" in summary:

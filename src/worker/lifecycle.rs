@@ -137,6 +137,10 @@ impl Worker {
         let now = self.timers.now();
         let take = self.due.len().min(EXPIRE_BATCH);
         let batch: Vec<(u32, u32)> = self.due.drain(self.due.len() - take..).collect();
+        if self.due.is_empty() && self.due.capacity() > EXPIRE_BATCH {
+            // A wave of timeouts is over: do not keep its queue's memory.
+            self.due = Vec::new();
+        }
         for (index, generation) in batch {
             let Some(slot) = self.slots.get_mut(index as usize) else {
                 continue;

@@ -9,6 +9,13 @@
 /// An entry: (slab slot, generation) of a flow.
 pub type Entry = (u32, u32);
 
+/// Entries a drained slot may keep room for (what ordinary ticks need, without reallocating).
+const SLOT_KEEP: usize = 64;
+
+fn index_of(tick: u64, span: u64) -> usize {
+    (tick % span) as usize
+}
+
 pub struct TimerWheel {
     slots: Vec<Vec<Entry>>,
     /// The last tick whose slot has been drained.
@@ -27,8 +34,7 @@ impl TimerWheel {
     pub fn schedule(&mut self, at: u64, entry: Entry) {
         let span = self.slots.len() as u64;
         let at = at.clamp(self.now + 1, self.now + span - 1);
-        let index = (at % span) as usize;
-        self.slots[index].push(entry);
+        self.slots[index_of(at, span)].push(entry);
     }
 
     /// Moves the wheel to tick `now`, appending every entry filed at or before it to `due`.
@@ -37,8 +43,13 @@ impl TimerWheel {
         // After a long stall only one full turn needs draining: every slot is visited once.
         let start = self.now.max(now.saturating_sub(span)) + 1;
         for tick in start..=now {
-            let index = (tick % span) as usize;
-            due.append(&mut self.slots[index]);
+            let slot = &mut self.slots[index_of(tick, span)];
+            due.append(slot);
+            // A slot keeps the capacity of its busiest tick; after a burst of short flows that
+            // would hold memory for the peak connection rate for good, so large ones are freed.
+            if slot.capacity() > SLOT_KEEP {
+                *slot = Vec::new();
+            }
         }
         self.now = self.now.max(now);
     }
@@ -88,6 +99,18 @@ mod tests {
         wheel.schedule(2, (3, 3));
         wheel.advance(11, &mut due);
         assert_eq!(due, [(3, 3)]);
+    }
+
+    #[test]
+    fn a_drained_burst_gives_its_memory_back() {
+        let mut wheel = TimerWheel::new(4);
+        for i in 0..10_000 {
+            wheel.schedule(1, (i, 0));
+        }
+        let mut due = Vec::new();
+        wheel.advance(1, &mut due);
+        assert_eq!(due.len(), 10_000);
+        assert!(wheel.slots.iter().all(|s| s.capacity() <= SLOT_KEEP));
     }
 
     #[test]
