@@ -26,14 +26,33 @@ load=target/release/ringway-load
 work=$(mktemp -d)
 trap 'stop_all; rm -rf "$work"' EXIT
 
-backend=$(free_port)
-start_bg "$work/backend.log" "$load" serve --listen "127.0.0.1:$backend" --mode echo --threads 2
-wait_port 127.0.0.1 "$backend" 10 || die "echo backend did not start"
+# Two echo backends: one for the idle flows, one for the live traffic, so what is measured is
+# the proxy, not a backend busy closing thousands of connections itself.
+idle_backend=$(free_port)
+start_bg "$work/idle-backend.log" "$load" serve --listen "127.0.0.1:$idle_backend" --mode echo
+live_backend=$(free_port)
+start_bg "$work/live-backend.log" "$load" serve --listen "127.0.0.1:$live_backend" --mode echo
+wait_port 127.0.0.1 "$idle_backend" 10 || die "echo backend did not start"
+wait_port 127.0.0.1 "$live_backend" 10 || die "echo backend did not start"
+backends=(--backend "127.0.0.1:$idle_backend" --backend "127.0.0.1:$live_backend")
+# The idle flows come from 127.0.0.1; find a client address that hashes to the live backend.
+"$bin" --listen 127.0.0.1:1 "${backends[@]}" --show-mapping 127.0.0.1 \
+    | grep -q ":$idle_backend\$" || die "127.0.0.1 does not map to the idle backend"
+live_source=
+for n in $(seq 2 60); do
+    if "$bin" --listen 127.0.0.1:1 "${backends[@]}" --show-mapping "127.0.0.$n" \
+        | grep -q ":$live_backend\$"; then
+        live_source=127.0.0.$n
+        break
+    fi
+done
+[ -n "$live_source" ] || die "no client address maps to the live backend"
 
 for round in $(seq 1 "$rounds"); do
     port=$(free_port)
+    admin=$(free_port)
     start_bg "$work/proxy.log" "$bin" --listen "127.0.0.1:$port" --workers 1 \
-        --idle-timeout 4s --backend "127.0.0.1:$backend"
+        --idle-timeout 4s --admin "127.0.0.1:$admin" "${backends[@]}"
     proxy=$BG_PID
     wait_port 127.0.0.1 "$port" 10 || die "proxy did not start"
     # The idle flows: opened and checked together, then silent; they time out ~4 s later.
@@ -43,10 +62,17 @@ for round in $(seq 1 "$rounds"); do
     [ -s "$work/ready" ] || die "idle flows did not open: $(tail -3 "$work/idle.log")"
     # Live traffic across the wave: 2,000 requests a second for 14 s from another address.
     "$load" rr --target "127.0.0.1:$port" --conns 4 --rate 2000 --duration 14s \
-        --sources 127.0.0.2 >"$work/rr.log" 2>&1 || true
+        --sources "$live_source" >"$work/rr.log" 2>&1 || true
     open_after=$(ls "/proc/$proxy/fd" | wc -l)
+    # The proxy's own view: event-loop turns over 10 / 50 / 250 ms (builds before it: n/a).
+    slow=$(python3 -c '
+import sys, urllib.request
+text = urllib.request.urlopen("http://127.0.0.1:%s/metrics" % sys.argv[1], timeout=5).read().decode()
+rows = [l.split("\"")[1] + "s: " + l.split()[-1] for l in text.splitlines()
+        if l.startswith("ringway_event_loop_slow_turns_total{")]
+print(", ".join(rows) or "n/a")' "$admin" 2>/dev/null || echo n/a)
     echo "round $round: $flows idle flows timing out together; live rr: $(grep -E 'p50|max' "$work/rr.log" | tr '\n' ' ')"
-    echo "  proxy descriptors after the wave: $open_after"
+    echo "  proxy descriptors after the wave: $open_after; event-loop turns slower than $slow"
     kill -TERM "$proxy"; wait "$proxy" 2>/dev/null || true
     rm -f "$work/ready"
 done

@@ -148,6 +148,14 @@ impl From<CloseReason> for CloseKind {
     }
 }
 
+/// Event-loop turns slower than these are counted (`ringway_event_loop_slow_turns_total`): a
+/// turn is how long every other flow of the worker may wait for its next completion.
+const SLOW_TURNS: [(Duration, &str); 3] = [
+    (Duration::from_millis(10), "0.01"),
+    (Duration::from_millis(50), "0.05"),
+    (Duration::from_millis(250), "0.25"),
+];
+
 // ---- connect-time histogram buckets --------------------------------------------------------
 
 /// Upper bounds of the connect-time buckets in microseconds, with the `le` label text for each.
@@ -200,6 +208,8 @@ pub struct WorkerStats {
     accept_errors: AtomicU64,
     buffer_ring_exhausted: AtomicU64,
     buffers_reclaimed: AtomicU64,
+    /// Event-loop turns whose handling took longer than each of `SLOW_TURNS`.
+    slow_turns: [AtomicU64; SLOW_TURNS.len()],
     /// Gauges the worker stores once per event-loop turn.
     buffers_in_use: AtomicU64,
     spill_bytes: AtomicU64,
@@ -225,6 +235,7 @@ impl WorkerStats {
             accept_errors: load(&self.accept_errors),
             buffer_ring_exhausted: load(&self.buffer_ring_exhausted),
             buffers_reclaimed: load(&self.buffers_reclaimed),
+            slow_turns: self.slow_turns.each_ref().map(load),
             buffers_in_use: load(&self.buffers_in_use),
             spill_bytes: load(&self.spill_bytes),
             connect_buckets: self.connect_buckets.each_ref().map(load),
@@ -332,6 +343,15 @@ impl WorkerStatsWriter {
         bump(&self.stats.buffers_reclaimed, 1);
     }
 
+    /// One event-loop turn's handling (completions in, submissions out) took `took`.
+    pub fn turn_took(&self, took: Duration) {
+        for (i, &(bound, _)) in SLOW_TURNS.iter().enumerate() {
+            if took > bound {
+                bump(&self.stats.slow_turns[i], 1);
+            }
+        }
+    }
+
     /// Relay buffers held by flows now, and bytes held in their heap spills.
     pub fn set_buffer_use(&self, buffers: u64, spill_bytes: u64) {
         self.stats.buffers_in_use.store(buffers, Ordering::Relaxed);
@@ -353,6 +373,7 @@ pub struct WorkerCounts {
     pub accept_errors: u64,
     pub buffer_ring_exhausted: u64,
     pub buffers_reclaimed: u64,
+    pub slow_turns: [u64; SLOW_TURNS.len()],
     pub buffers_in_use: u64,
     pub spill_bytes: u64,
     /// Non-cumulative bucket counts, the last being above 5 s.
@@ -386,6 +407,7 @@ impl WorkerCounts {
             .buffer_ring_exhausted
             .wrapping_add(other.buffer_ring_exhausted);
         self.buffers_reclaimed = self.buffers_reclaimed.wrapping_add(other.buffers_reclaimed);
+        sum(&mut self.slow_turns, &other.slow_turns);
         self.buffers_in_use = self.buffers_in_use.wrapping_add(other.buffers_in_use);
         self.spill_bytes = self.spill_bytes.wrapping_add(other.spill_bytes);
         sum(&mut self.connect_buckets, &other.connect_buckets);
@@ -700,6 +722,17 @@ pub fn render_prometheus(
         "Undelivered bytes of stalled flows held off the buffer pool, all workers.",
         total.spill_bytes,
     );
+
+    let name = "ringway_event_loop_slow_turns_total";
+    family(
+        out,
+        name,
+        "counter",
+        "Event-loop turns whose handling took longer than `over` seconds (others waited that long).",
+    );
+    for (&(_, over), &n) in SLOW_TURNS.iter().zip(&total.slow_turns) {
+        sample(out, name, "", &[("over", over)], n);
+    }
 
     let name = "ringway_connect_duration_seconds";
     family(

@@ -344,6 +344,7 @@ impl Worker {
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
                 Err(e) => return Err(e),
             }
+            let turn = Instant::now();
             self.completions.clear();
             self.reap();
             // `reap` may append more while these are handled (see `submit_pending`).
@@ -356,6 +357,7 @@ impl Worker {
             if self.has_expiry_backlog() {
                 self.expire_due();
             }
+            self.stats.turn_took(turn.elapsed());
         }
     }
 
