@@ -17,105 +17,39 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
+use common::netns::Netns;
 use common::*;
-
-static NETNS_COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 /// Flows the tests open at once.
 const FLOWS: usize = 250;
 
-fn run(cmd: &mut Command) {
-    let out = cmd
+/// A network namespace of the test's own with a 100-port ephemeral range.
+fn port_limited_netns() -> Netns {
+    let ns = Netns::new("edge");
+    ns.sysctl("net.ipv4.ip_local_port_range=40000 40099");
+    ns
+}
+
+/// `ss` inside the namespace.
+fn ss_in(ns: &Netns, args: &[&str]) -> Vec<String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "ss", "-H"])
+        .args(args)
         .output()
-        .unwrap_or_else(|e| panic!("run {cmd:?}: {e} (is iproute2 installed?)"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}\n{}{}\n(these tests need root to create network namespaces)",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A network namespace with loopback up and a 100-port ephemeral range; deleted on drop.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new() -> Netns {
-        let name = format!(
-            "ringway-edge-{}-{}",
-            std::process::id(),
-            NETNS_COUNTER.fetch_add(1, Ordering::SeqCst)
-        );
-        run(Command::new("ip").args(["netns", "add", &name]));
-        let ns = Netns { name };
-        run(Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]));
-        run(Command::new("ip").args([
-            "netns",
-            "exec",
-            &ns.name,
-            "sysctl",
-            "-q",
-            "-w",
-            "net.ipv4.ip_local_port_range=40000 40099",
-        ]));
-        ns
-    }
-
-    /// Runs `f` on a new thread that has entered this namespace, and returns its result.
-    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/run/netns/{}", self.name);
-        thread::scope(|scope| {
-            thread::Builder::new()
-                .name(format!("in-{}", self.name))
-                .spawn_scoped(scope, move || {
-                    let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-                    // SAFETY: setns takes a descriptor we own (alive for the call) and a flag;
-                    // it changes only this thread's network namespace.
-                    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                    assert_eq!(rc, 0, "setns({path}): {}", std::io::Error::last_os_error());
-                    f()
-                })
-                .expect("spawn the namespace thread")
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        })
-    }
-
-    /// `ss` inside the namespace.
-    fn ss(&self, args: &[&str]) -> Vec<String> {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.name, "ss", "-H"])
-            .args(args)
-            .output()
-            .expect("run ss in the namespace");
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(str::to_string)
-            .collect()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
+        .expect("run ss in the namespace");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 /// What became of the flows: how many echoed, and how the others ended.
@@ -186,18 +120,21 @@ fn open_flows(proxy: &Proxy) -> (Outcome, Vec<TcpStream>) {
 
 /// Source addresses of the connections the backend on `port` accepted, seen with ss.
 fn sources_seen(ns: &Netns, port: u16) -> BTreeSet<IpAddr> {
-    ns.ss(&["-tn", "state", "established", &format!("sport = :{port}")])
-        .iter()
-        .filter_map(|l| {
-            let peer = l.split_whitespace().last()?;
-            peer.parse::<SocketAddr>().ok().map(|a| a.ip())
-        })
-        .collect()
+    ss_in(
+        ns,
+        &["-tn", "state", "established", &format!("sport = :{port}")],
+    )
+    .iter()
+    .filter_map(|l| {
+        let peer = l.split_whitespace().last()?;
+        peer.parse::<SocketAddr>().ok().map(|a| a.ip())
+    })
+    .collect()
 }
 
 #[test]
 fn source_addresses_carry_more_flows_to_one_backend_than_one_address_can() {
-    let ns = Netns::new();
+    let ns = port_limited_netns();
     let (outcome, sources, stderr) = ns.run(|| {
         let echo = Backend::echo();
         let proxy = Proxy::start(&[
@@ -238,7 +175,7 @@ fn source_addresses_carry_more_flows_to_one_backend_than_one_address_can() {
 
 #[test]
 fn without_source_one_address_runs_out_of_ports() {
-    let ns = Netns::new();
+    let ns = port_limited_netns();
     let (outcome, stderr) = ns.run(|| {
         let echo = Backend::echo();
         let proxy = Proxy::start(&["--listen", "127.0.0.1:0", "--backend", &echo.arg()]);
@@ -296,7 +233,7 @@ fn metric(admin: SocketAddr, name: &str) -> Option<u64> {
 /// than refused for `--fail-timeout`.
 #[test]
 fn running_out_of_local_ports_leaves_the_backend_up() {
-    let ns = Netns::new();
+    let ns = port_limited_netns();
     let (outcome, again, local_errors, stderr) = ns.run(|| {
         let echo = Backend::echo();
         let proxy = Proxy::start(&[

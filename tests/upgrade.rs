@@ -18,12 +18,12 @@ mod common;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use common::netns::Netns;
 use common::*;
 
 /// Client threads opening flows as fast as they can.
@@ -145,96 +145,11 @@ fn one_flow(addr: SocketAddr, key: u64) -> Result<(), String> {
     }
 }
 
-/// A network namespace of the test's own, with loopback up and `net.ipv4.tcp_migrate_req = 1`;
-/// deleted on drop (the processes started in it must have ended by then).
-struct NetNs {
-    name: String,
-}
-
-impl NetNs {
-    fn create() -> NetNs {
-        let name = format!("ringway-upg-{}", std::process::id());
-        let netns = NetNs { name };
-        // A namespace left by a killed run of a process with the same PID.
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &netns.name])
-            .output();
-        netns.run(&["ip", "netns", "add", &netns.name]);
-        netns.run(&[
-            "ip",
-            "netns",
-            "exec",
-            &netns.name,
-            "ip",
-            "link",
-            "set",
-            "lo",
-            "up",
-        ]);
-        netns.run(&[
-            "ip",
-            "netns",
-            "exec",
-            &netns.name,
-            "sysctl",
-            "-q",
-            "-w",
-            "net.ipv4.tcp_migrate_req=1",
-        ]);
-        netns
-    }
-
-    fn run(&self, argv: &[&str]) {
-        let out = std::process::Command::new(argv[0])
-            .args(&argv[1..])
-            .stdin(std::process::Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {argv:?} (iproute2 needed): {e}"));
-        assert!(
-            out.status.success(),
-            "{argv:?} failed ({}): {} (this test needs root for its network namespace)",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-
-    /// Moves the calling thread into the namespace: the sockets it opens from now on, the
-    /// threads it spawns and the processes it starts all live there.
-    fn enter(&self) {
-        let file = fs::File::open(format!("/var/run/netns/{}", self.name))
-            .unwrap_or_else(|e| panic!("open the namespace {}: {e}", self.name));
-        // SAFETY: setns(2) takes a descriptor we own (open for the whole call) and a flag; it
-        // changes only the calling thread's network namespace.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .stdin(std::process::Stdio::null())
-            .status();
-    }
-}
-
 #[test]
 fn upgrade_by_a_second_process_on_the_same_port_loses_no_flow() {
-    let netns = NetNs::create();
-    let entered = thread::Builder::new()
-        .name("upgrade-in-netns".into())
-        .spawn(move || {
-            netns.enter();
-            upgrade_under_load();
-            netns
-        })
-        .unwrap()
-        .join();
-    match entered {
-        Ok(netns) => drop(netns),
-        Err(panic) => std::panic::resume_unwind(panic),
-    }
+    let netns = Netns::new("upgrade");
+    netns.sysctl("net.ipv4.tcp_migrate_req=1");
+    netns.run(upgrade_under_load);
 }
 
 fn upgrade_under_load() {
