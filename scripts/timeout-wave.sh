@@ -27,7 +27,8 @@ work=$(mktemp -d)
 trap 'stop_all; rm -rf "$work"' EXIT
 
 # Two echo backends: one for the idle flows, one for the live traffic, so what is measured is
-# the proxy, not a backend busy closing thousands of connections itself.
+# the proxy, not a backend busy closing thousands of connections itself. (Which is which is
+# settled below, from the mapping.)
 idle_backend=$(free_port)
 start_bg "$work/idle-backend.log" "$load" serve --listen "127.0.0.1:$idle_backend" --mode echo
 live_backend=$(free_port)
@@ -35,9 +36,12 @@ start_bg "$work/live-backend.log" "$load" serve --listen "127.0.0.1:$live_backen
 wait_port 127.0.0.1 "$idle_backend" 10 || die "echo backend did not start"
 wait_port 127.0.0.1 "$live_backend" 10 || die "echo backend did not start"
 backends=(--backend "127.0.0.1:$idle_backend" --backend "127.0.0.1:$live_backend")
-# The idle flows come from 127.0.0.1; find a client address that hashes to the live backend.
-"$bin" --listen 127.0.0.1:1 "${backends[@]}" --show-mapping 127.0.0.1 \
-    | grep -q ":$idle_backend\$" || die "127.0.0.1 does not map to the idle backend"
+# The idle flows come from 127.0.0.1: whichever backend it maps to is the idle one; then find a
+# client address that maps to the other.
+if ! "$bin" --listen 127.0.0.1:1 "${backends[@]}" --show-mapping 127.0.0.1 \
+    | grep -q ":$idle_backend\$"; then
+    read -r idle_backend live_backend <<<"$live_backend $idle_backend"
+fi
 live_source=
 for n in $(seq 2 60); do
     if "$bin" --listen 127.0.0.1:1 "${backends[@]}" --show-mapping "127.0.0.$n" \

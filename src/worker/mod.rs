@@ -213,6 +213,8 @@ struct Worker {
     listen_addr: SocketAddr,
     /// Next `--source` address to use.
     source_turn: usize,
+    /// Flows started in this event-loop turn (bounded by `accept::START_BATCH`).
+    started_this_turn: usize,
     /// Bytes in every flow's spill (a gauge for operators).
     spill_bytes: u64,
     /// Spill memory freed since the allocator was last asked to return free pages.
@@ -306,6 +308,7 @@ impl Worker {
             source_turn: setup.id,
             spill_bytes: 0,
             spill_freed: 0,
+            started_this_turn: 0,
         })
     }
 
@@ -332,7 +335,7 @@ impl Worker {
             }
             // With idle flows still to close, collect what is ready without sleeping and come
             // back for the next batch.
-            let entered = if self.has_expiry_backlog() {
+            let entered = if self.has_expiry_backlog() || self.has_start_backlog() {
                 self.submit_and_collect()
             } else {
                 self.ring.submit_and_wait(1)
@@ -345,6 +348,7 @@ impl Worker {
                 Err(e) => return Err(e),
             }
             let turn = Instant::now();
+            self.started_this_turn = 0;
             self.completions.clear();
             self.reap();
             // `reap` may append more while these are handled (see `submit_pending`).
@@ -356,6 +360,9 @@ impl Worker {
             }
             if self.has_expiry_backlog() {
                 self.expire_due();
+            }
+            if self.has_start_backlog() {
+                self.resume_accepting();
             }
             self.stats.turn_took(turn.elapsed());
         }
