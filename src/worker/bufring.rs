@@ -1,5 +1,5 @@
 //! The worker's provided-buffer ring: a pool of equal buffers that the kernel picks from when a
-//! multishot recv has data, so an idle flow holds no user-space buffer at all.
+//! recv has data, so an idle flow holds no user-space buffer at all.
 //!
 //! Buffers come back when the send that carried their bytes completes. They go first onto a
 //! free stack, and `publish` (once per event-loop turn) tops the ring up from the top of that

@@ -96,8 +96,9 @@ pub struct Settings {
     pub multishot_accept_room: usize,
 }
 
-/// Buffers a pipe may hold before its recv pauses: 4 x 64 KiB keeps a bulk flow streaming while
-/// a slow reader ties up at most 256 KiB per direction (4 buffers whatever --buffer-size).
+/// Buffers a pipe may hold before it stops reading (its budget while the pool is roomy; one when
+/// it is tight, see flow.rs): 4 x 64 KiB keeps a bulk flow streaming while a slow reader ties up
+/// at most 256 KiB per direction (4 buffers whatever --buffer-size).
 const MAX_QUEUED_BUFFERS: usize = 4;
 /// Submission queue entries; the completion queue is 4x larger because multishot operations
 /// post many completions per submission.
