@@ -593,20 +593,24 @@ mod tests {
         assert!(cannot_be_a_request(b"GET /metrics\r\n"));
     }
 
-    #[test]
-    fn stop_ends_every_thread_blocked_in_accept() {
-        let (addr, server) = start_server(REQUEST_DEADLINE);
-        let r = exchange(addr, b"GET /metrics HTTP/1.1\r\n\r\n");
-        assert_eq!(status(&r), "200", "{r}");
-        let thread = server.stop();
-        // Every thread was blocked in accept: all of them end, and promptly.
+    /// Joins `thread` (without panicking) within 10 s, or fails with `why`.
+    fn assert_ends_within_10s(thread: std::thread::JoinHandle<()>, why: &str) {
         let (joined, ended) = std::sync::mpsc::channel();
         std::thread::spawn(move || joined.send(thread.join().is_ok()));
         assert_eq!(
             ended.recv_timeout(Duration::from_secs(10)),
             Ok(true),
-            "admin threads still running 10 s after stop"
+            "{why}"
         );
+    }
+
+    #[test]
+    fn stop_ends_every_thread_blocked_in_accept() {
+        let (addr, server) = start_server(REQUEST_DEADLINE);
+        let r = exchange(addr, b"GET /metrics HTTP/1.1\r\n\r\n");
+        assert_eq!(status(&r), "200", "{r}");
+        // Every thread was blocked in accept: all of them end, and promptly.
+        assert_ends_within_10s(server.stop(), "admin threads still running 10 s after stop");
     }
 
     #[test]
@@ -623,13 +627,9 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(1)); // pacing of the check, not a wait
         }
-        let thread = server.stop();
-        let (joined, ended) = std::sync::mpsc::channel();
-        std::thread::spawn(move || joined.send(thread.join().is_ok()));
-        assert_eq!(
-            ended.recv_timeout(Duration::from_secs(10)),
-            Ok(true),
-            "an admin thread still waits for the silent client's request 10 s after stop"
+        assert_ends_within_10s(
+            server.stop(),
+            "an admin thread still waits for the silent client's request 10 s after stop",
         );
         silent
             .set_read_timeout(Some(Duration::from_secs(10)))
