@@ -484,12 +484,19 @@ impl Flow {
         }
         match (res, buf) {
             (len, Some(buf)) if len > 0 => {
-                pipe.queue.push_back(Chunk {
+                let chunk = Chunk {
                     data: Data::Buffer(buf),
                     len: len as u32,
                     offset: 0,
-                });
-                self.pump(from, ops);
+                };
+                if pipe.sending.is_none() && pipe.queue.is_empty() {
+                    // The usual case (request/response, idle flows): straight to the send, so
+                    // the queue never allocates and an idle flow keeps no heap memory.
+                    Self::start_send(pipe, from, chunk, ops);
+                } else {
+                    pipe.queue.push_back(chunk);
+                    self.pump(from, ops);
+                }
                 self.rearm_if_room(from, tight, ops);
             }
             (0, buf) => {
@@ -808,6 +815,16 @@ impl Flow {
         }
     }
 
+    fn start_send(pipe: &mut Pipe, from: Side, chunk: Chunk, ops: &mut Vec<Op>) {
+        pipe.sending = Some(chunk);
+        ops.push(Op::Send {
+            to: from.other(),
+            data: chunk.data,
+            offset: chunk.offset,
+            len: chunk.len - chunk.offset,
+        });
+    }
+
     /// Start the next send of the pipe reading `from`, or the shutdown after its EOF.
     fn pump(&mut self, from: Side, ops: &mut Vec<Op>) {
         let pipe = &mut self.pipes[from.pipe()];
@@ -815,13 +832,7 @@ impl Flow {
             return;
         }
         if let Some(chunk) = pipe.queue.pop_front() {
-            pipe.sending = Some(chunk);
-            ops.push(Op::Send {
-                to: from.other(),
-                data: chunk.data,
-                offset: chunk.offset,
-                len: chunk.len - chunk.offset,
-            });
+            Self::start_send(pipe, from, chunk, ops);
         } else if pipe.recv == RecvState::Eof && pipe.shutdown == ShutdownState::NotYet {
             pipe.shutdown = ShutdownState::InFlight;
             ops.push(Op::Shutdown(from.other()));

@@ -140,6 +140,8 @@ impl Worker {
                     .and_then(|(i, set)| set.backends.get(i));
                 if res >= 0 {
                     slot.connect_time = slot.connect_started.map(|t| t.elapsed());
+                    // Only connect retries need the list: an idle flow keeps no heap for it.
+                    slot.tried = Vec::new();
                     self.stats.connected(slot.connect_time.unwrap_or_default());
                     if let Some(backend) = backend {
                         backend.stats.flow_started();
