@@ -13,6 +13,7 @@ use argh::FromArgs;
 use crate::acl::Cidr;
 use crate::balance::{Algorithm, HashKey, DEFAULT_VNODES};
 use crate::discovery::dns::DnsTarget;
+use crate::discovery::dns_srv::SrvName;
 
 /// Ringway: a Layer-4 TCP proxy and load balancer on io_uring. Each client flow is pinned to one
 /// backend by consistent hashing of the client address; bytes are relayed both ways unchanged.
@@ -122,6 +123,10 @@ pub struct Flags {
     /// a DNS name whose A/AAAA addresses are backends, as NAME:PORT; re-resolved every --dns-refresh; repeatable
     #[argh(option)]
     pub backend_dns: Vec<String>,
+
+    /// a DNS name whose SRV records are backends (port and weight from each record; the lowest priority serves, higher ones are backups), e.g. _http._tcp.web.internal; re-resolved every --dns-refresh; repeatable
+    #[argh(option)]
+    pub backend_dns_srv: Vec<String>,
 
     /// how often --backend-dns names are resolved again (default 5s)
     #[argh(option)]
@@ -272,6 +277,7 @@ pub struct Config {
     pub access_log: Option<String>,
     pub backends_file: Option<std::path::PathBuf>,
     pub backend_dns: Vec<DnsTarget>,
+    pub backend_dns_srv: Vec<SrvName>,
     pub dns_refresh: Duration,
     /// `None`: the system's nameserver.
     pub dns_server: Option<SocketAddr>,
@@ -500,11 +506,14 @@ impl Config {
             )
         })?;
 
-        if flags.backend.is_empty() && flags.backends_file.is_none() && flags.backend_dns.is_empty()
+        if flags.backend.is_empty()
+            && flags.backends_file.is_none()
+            && flags.backend_dns.is_empty()
+            && flags.backend_dns_srv.is_empty()
         {
             return Err(flag_error(
                 "--backend",
-                "at least one is required (e.g. --backend 10.0.0.11:80), or --backends-file or --backend-dns",
+                "at least one is required (e.g. --backend 10.0.0.11:80), or --backends-file, --backend-dns or --backend-dns-srv",
             ));
         }
         let backends = flags
@@ -633,6 +642,14 @@ impl Config {
                     .map_err(|e| flag_error("--backend-dns", e))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let backend_dns_srv = flags
+            .backend_dns_srv
+            .iter()
+            .map(|text| {
+                text.parse::<SrvName>()
+                    .map_err(|e| flag_error("--backend-dns-srv", e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let optional_duration = |flag: &'static str, value: &Option<String>| match value {
             None => Ok(None),
             Some(text) => parse_duration(text)
@@ -684,6 +701,7 @@ impl Config {
             access_log,
             backends_file: flags.backends_file.as_ref().map(std::path::PathBuf::from),
             backend_dns,
+            backend_dns_srv,
             dns_refresh,
             dns_server,
             drain_timeout,

@@ -44,27 +44,7 @@ impl Dnsmasq {
         for _ in 0..5 {
             let port = free_udp_port();
             let addr = SocketAddr::from(([127, 0, 0, 1], port));
-            let log = File::create(&log_path).expect("create the dnsmasq log");
-            let child = Command::new(&binary)
-                .args([
-                    "--no-daemon", // foreground, no pid file, no user change, log to stderr
-                    "--conf-file=/dev/null",
-                    &format!("--port={port}"),
-                    "--listen-address=127.0.0.1",
-                    "--bind-interfaces",
-                    "--no-resolv",
-                    "--no-hosts",
-                    &format!("--addn-hosts={}", hosts_path.display()),
-                    "--local=/test/",
-                    "--host-record=ready.test,127.0.0.1",
-                ])
-                .args(extra_args)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::from(log))
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
-            let mut process = KillOnDrop(child);
+            let mut process = spawn(&binary, port, dir.path(), extra_args);
             if wait_until_ready(&mut process.0, addr, &log_path) {
                 return Dnsmasq { addr, process, dir };
             }
@@ -75,6 +55,27 @@ impl Dnsmasq {
             );
         }
         panic!("dnsmasq found no free port in 5 tries");
+    }
+
+    /// Stops dnsmasq and starts it again on the same port and hosts file with `extra_args`:
+    /// the way to change records that only the command line sets (`--srv-host`, `--cname`),
+    /// which SIGHUP does not re-read. Returns once the new process answers.
+    pub fn restart(&mut self, extra_args: &[&str]) {
+        let _ = self.process.0.kill();
+        let _ = self.process.0.wait();
+        let log_path = self.dir.path().join("dnsmasq.log");
+        self.process = spawn(
+            &dnsmasq_binary(),
+            self.addr.port(),
+            self.dir.path(),
+            extra_args,
+        );
+        assert!(
+            wait_until_ready(&mut self.process.0, self.addr, &log_path),
+            "dnsmasq did not start again on {}:\n{}",
+            self.addr,
+            self.log()
+        );
     }
 
     /// What dnsmasq has logged so far, for failure messages.
@@ -113,6 +114,32 @@ impl Dnsmasq {
             std::thread::sleep(Duration::from_millis(20)); // pacing of the retry, not a wait
         }
     }
+}
+
+/// Starts dnsmasq on 127.0.0.1:`port`, answering from `dir/hosts`, logging to
+/// `dir/dnsmasq.log` (truncated).
+fn spawn(binary: &Path, port: u16, dir: &Path, extra_args: &[&str]) -> KillOnDrop {
+    let log = File::create(dir.join("dnsmasq.log")).expect("create the dnsmasq log");
+    let child = Command::new(binary)
+        .args([
+            "--no-daemon", // foreground, no pid file, no user change, log to stderr
+            "--conf-file=/dev/null",
+            &format!("--port={port}"),
+            "--listen-address=127.0.0.1",
+            "--bind-interfaces",
+            "--no-resolv",
+            "--no-hosts",
+            &format!("--addn-hosts={}", dir.join("hosts").display()),
+            "--local=/test/",
+            "--host-record=ready.test,127.0.0.1",
+        ])
+        .args(extra_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+    KillOnDrop(child)
 }
 
 /// A child process, killed (SIGKILL, by its PID) and reaped when dropped.
