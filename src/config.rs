@@ -192,6 +192,14 @@ pub struct Flags {
     #[argh(option)]
     pub listen_backlog: Option<String>,
 
+    /// TCP Fast Open on the listener: how many Fast Open requests may wait (e.g. 256), so a returning client's first bytes ride in its SYN; needs net.ipv4.tcp_fastopen bit 2; 0 = off (default)
+    #[argh(option)]
+    pub tcp_fastopen: Option<String>,
+
+    /// TCP Fast Open toward backends (TCP_FASTOPEN_CONNECT): with a cookie cached, the client's first bytes go in the backend SYN; only for protocols where the client speaks first (docs/operations.md); default off
+    #[argh(switch)]
+    pub backend_fastopen: bool,
+
     /// local address for backend connections; repeatable, used in turn, so one backend can take more than ~60k flows (IP_BIND_ADDRESS_NO_PORT)
     #[argh(option)]
     pub source: Vec<String>,
@@ -316,6 +324,10 @@ pub struct EdgeConfig {
     pub nodelay: bool,
     pub listen_backlog: i32,
     pub sources: Vec<std::net::IpAddr>,
+    /// TCP_FASTOPEN queue length on listeners; `None`: off.
+    pub tcp_fastopen: Option<u32>,
+    /// TCP_FASTOPEN_CONNECT on backend sockets.
+    pub backend_fastopen: bool,
 }
 
 impl Default for EdgeConfig {
@@ -332,6 +344,8 @@ impl Default for EdgeConfig {
             nodelay: true,
             listen_backlog: 4096,
             sources: Vec::new(),
+            tcp_fastopen: None,
+            backend_fastopen: false,
         }
     }
 }
@@ -396,6 +410,13 @@ fn edge_from_flags(flags: &Flags) -> Result<EdgeConfig, FlagError> {
                 .map_err(|_| flag_error("--source", format!("'{text}' is not an IP address")))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let tcp_fastopen = match &flags.tcp_fastopen {
+        None => None,
+        Some(text) => match parse_in_range("--tcp-fastopen", text, 0, 1 << 20)? {
+            0 => None,
+            queue => Some(queue as u32),
+        },
+    };
     Ok(EdgeConfig {
         send_proxy,
         accept_proxy: flags.accept_proxy,
@@ -408,6 +429,8 @@ fn edge_from_flags(flags: &Flags) -> Result<EdgeConfig, FlagError> {
         nodelay: !flags.no_tcp_nodelay,
         listen_backlog,
         sources,
+        tcp_fastopen,
+        backend_fastopen: flags.backend_fastopen,
     })
 }
 

@@ -197,6 +197,12 @@ fn start_threads(
         dns
     };
 
+    if let Some(hint) = crate::tcp_fastopen::sysctl_hint(
+        config.edge.tcp_fastopen.is_some(),
+        config.edge.backend_fastopen,
+    ) {
+        warn!("{hint}");
+    }
     if std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req").is_ok_and(|v| v.trim() == "0")
     {
         info!(
