@@ -158,7 +158,7 @@ pub fn nameserver(config: &Config) -> Result<std::net::SocketAddr, String> {
             Ok(([127, 0, 0, 1], 53).into())
         }
         None => dns::system_nameserver().ok_or_else(|| {
-            "--backend-dns: no nameserver in /etc/resolv.conf; give --dns-server".into()
+            "--backend-dns/--backend-dns-srv: no nameserver in /etc/resolv.conf; give --dns-server".into()
         }),
     }
 }
