@@ -64,11 +64,15 @@ fn srv_records_give_addresses_ports_weights_and_backups() {
     // No SRV records: an error (the pool is kept), never an empty list.
     let error = lookup(&dns, "_other._tcp.web.test").unwrap_err();
     assert!(
-        matches!(error, DnsError::NxDomain | DnsError::NoAddresses),
+        matches!(error, DnsError::NxDomain | DnsError::NoSrvTargets),
         "{error}"
     );
     let error = lookup(&dns, "plain.test").unwrap_err();
-    assert!(matches!(error, DnsError::NoAddresses), "{error}");
+    assert!(matches!(error, DnsError::NoSrvTargets), "{error}");
+    assert_eq!(
+        error.to_string(),
+        "no SRV record of the name leads to an address"
+    );
 }
 
 #[test]

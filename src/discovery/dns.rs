@@ -55,9 +55,10 @@ pub enum DnsError {
     Refused,
     /// Another error code from the nameserver (e.g. 1, FORMERR).
     ServerError(u16),
-    /// The name exists but has no A or AAAA records (for SRV: no usable SRV records, or none
-    /// of their targets has an address).
+    /// The name exists but has no A or AAAA records.
     NoAddresses,
+    /// SRV: the name has no SRV records, or none whose target has an address.
+    NoSrvTargets,
     /// The response breaks the DNS format.
     Malformed(String),
     /// A socket error talking to the nameserver (e.g. connection refused: nothing listens).
@@ -81,6 +82,9 @@ impl fmt::Display for DnsError {
                 write!(f, "the nameserver answered with error code {rcode}")
             }
             DnsError::NoAddresses => write!(f, "the name has no A or AAAA records"),
+            DnsError::NoSrvTargets => {
+                write!(f, "no SRV record of the name leads to an address")
+            }
             DnsError::Malformed(why) => write!(f, "malformed DNS response: {why}"),
             DnsError::Io { nameserver, error } => write!(f, "nameserver {nameserver}: {error}"),
         }

@@ -91,7 +91,7 @@ pub fn resolve_srv(
     };
     let answer = exchange(std::slice::from_ref(&question), nameserver, timeout)?
         .pop()
-        .ok_or(DnsError::NoAddresses)?;
+        .ok_or(DnsError::NoSrvTargets)?;
     let mut found: Vec<SrvBackend> = Vec::new();
     for record in records_of(&answer.answers, &srv.name, RecordType::SRV)? {
         let RData::SRV(record) = &record.data else {
@@ -112,7 +112,7 @@ pub fn resolve_srv(
     found.sort_by_key(|b| (b.addr, b.priority, u16::MAX - b.weight));
     found.dedup_by_key(|b| b.addr);
     if found.is_empty() {
-        return Err(DnsError::NoAddresses);
+        return Err(DnsError::NoSrvTargets);
     }
     Ok(found)
 }
