@@ -10,7 +10,10 @@
 //! only fetches the cookie; the second one carries its data in the SYN. The same steps against
 //! the proxy without the flag count nothing, which shows the counter moves because of the flag.
 //!
-//! Needs root (CAP_SYS_ADMIN) and `ip`/`sysctl` (iproute2, procps), as CI has.
+//! The last test puts real peers on both sides: curl `--tcp-fastopen` as the client and nginx
+//! `listen ... fastopen=` as the backend.
+//!
+//! Needs root (CAP_SYS_ADMIN), `ip`/`sysctl` (iproute2, procps), curl and nginx, as CI has.
 
 mod common;
 
@@ -198,5 +201,126 @@ fn backend_fastopen_puts_the_clients_first_bytes_in_the_backend_syn() {
         stream.write_all(b"to a backend that is gone").unwrap();
         let closed = expect_closed(&mut stream, CLOSE_TIMEOUT);
         assert!(closed.is_ok(), "{closed:?}\n{}", proxy.stderr_tail());
+    });
+}
+
+/// A private nginx in the test's namespace (the port is free there by construction) whose
+/// listener has Fast Open on; killed by its PID on drop.
+struct FastopenNginx {
+    child: std::process::Child,
+    addr: SocketAddr,
+    _dir: TempDir,
+}
+
+impl FastopenNginx {
+    fn start() -> FastopenNginx {
+        let dir = TempDir::new("dn-tfo-nginx");
+        let d = dir.path().display();
+        let addr: SocketAddr = "127.0.0.2:8088".parse().unwrap();
+        // One process, no daemon; as root nginx would look up `nobody` for its workers.
+        let conf = format!(
+            "user root;
+daemon off;
+master_process off;
+pid {d}/nginx.pid;
+error_log {d}/error.log info;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    server {{
+        listen {addr} fastopen=16;
+        location / {{ return 200 \"hello from nginx\\n\"; }}
+    }}
+}}
+"
+        );
+        let conf_path = dir.path().join("nginx.conf");
+        std::fs::write(&conf_path, conf).unwrap();
+        // /usr/sbin is not on every user's PATH.
+        let binary = ["/usr/sbin/nginx", "/usr/local/sbin/nginx"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .unwrap_or("nginx");
+        let child = std::process::Command::new(binary)
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-p")
+            .arg(dir.path())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start nginx (Debian: apt-get install nginx)");
+        let nginx = FastopenNginx {
+            child,
+            addr,
+            _dir: dir,
+        };
+        let ready = wait_until(START_TIMEOUT, || TcpStream::connect(addr).is_ok());
+        assert!(
+            ready,
+            "nginx did not listen on {addr}:\n{}",
+            std::fs::read_to_string(nginx._dir.path().join("error.log")).unwrap_or_default()
+        );
+        nginx
+    }
+}
+
+impl Drop for FastopenNginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `curl --tcp-fastopen http://ADDR/`: the body.
+fn curl_fastopen(addr: SocketAddr) -> String {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--tcp-fastopen"])
+        .arg(format!("http://{addr}/"))
+        .output()
+        .expect("run curl (Debian: apt-get install curl)");
+    assert!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn curl_and_nginx_exchange_data_in_the_syn_on_both_sides() {
+    let ns = fastopen_netns();
+    ns.run(|| {
+        let nginx = FastopenNginx::start();
+        let proxy = Proxy::start(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--backend",
+            &nginx.addr.to_string(),
+            "--tcp-fastopen",
+            "16",
+            "--backend-fastopen",
+        ]);
+        let before = passive();
+        // The first request fetches both cookies: curl's from Ringway, Ringway's from nginx
+        // (the readiness probe above was not a Fast Open client).
+        assert_eq!(curl_fastopen(proxy.addr), "hello from nginx\n");
+        assert_eq!(passive(), before);
+        for n in 1..=2 {
+            assert_eq!(curl_fastopen(proxy.addr), "hello from nginx\n");
+            // Both listeners, Ringway's and nginx's, accepted a SYN with data.
+            assert_eq!(
+                passive(),
+                before + 2 * n,
+                "request {n}\n{}",
+                proxy.stderr_tail()
+            );
+        }
     });
 }
