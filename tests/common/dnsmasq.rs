@@ -41,8 +41,8 @@ impl Dnsmasq {
         write_atomically(&hosts_path, hosts);
         // The free port is found by binding and releasing it, so another process may take it
         // before dnsmasq does; then dnsmasq exits and we try another.
-        for _ in 0..5 {
-            let port = free_udp_port();
+        for _ in 0..TRIES {
+            let port = free_dns_port();
             let addr = SocketAddr::from(([127, 0, 0, 1], port));
             let mut process = spawn(&binary, port, dir.path(), extra_args);
             if wait_until_ready(&mut process.0, addr, &log_path) {
@@ -54,7 +54,7 @@ impl Dnsmasq {
                 "dnsmasq did not start:\n{log}"
             );
         }
-        panic!("dnsmasq found no free port in 5 tries");
+        panic!("dnsmasq found no free port in {TRIES} tries");
     }
 
     /// Stops dnsmasq and starts it again on the same port and hosts file with `extra_args`:
@@ -189,6 +189,27 @@ fn dnsmasq_binary() -> PathBuf {
         "dnsmasq is not installed; the DNS tests need it as a test DNS server. \
          Install it with: apt-get install dnsmasq-base (the binary only, no system service)"
     );
+}
+
+/// Ports tried for dnsmasq before giving up.
+const TRIES: usize = 20;
+
+/// A loopback port free a moment ago for both UDP and TCP (dnsmasq listens on both), chosen
+/// below the kernel's ephemeral range (32768 and up by default): ports picked by the kernel for
+/// UDP are also the ones outgoing TCP connections use, and under load (other tests' flows) the
+/// TCP side of such a port was often taken, failing every try.
+fn free_dns_port() -> u16 {
+    use std::hash::BuildHasher;
+    let random = std::collections::hash_map::RandomState::new();
+    for n in 0u32..1000 {
+        let port = 20_000 + (random.hash_one((n, Instant::now())) % 12_000) as u16;
+        let both = UdpSocket::bind(("127.0.0.1", port))
+            .and_then(|udp| std::net::TcpListener::bind(("127.0.0.1", port)).map(|tcp| (udp, tcp)));
+        if both.is_ok() {
+            return port;
+        }
+    }
+    panic!("no port from 20000 to 31999 free for both UDP and TCP in 1000 tries");
 }
 
 /// A loopback UDP port that was free a moment ago (bound and released).
