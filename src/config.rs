@@ -13,6 +13,7 @@ use argh::FromArgs;
 use crate::acl::Cidr;
 use crate::balance::{Algorithm, HashKey, DEFAULT_VNODES};
 use crate::discovery::dns::DnsTarget;
+use crate::discovery::dns_srv::SrvName;
 
 /// Ringway: a Layer-4 TCP proxy and load balancer on io_uring. Each client flow is pinned to one
 /// backend by consistent hashing of the client address; bytes are relayed both ways unchanged.
@@ -123,6 +124,10 @@ pub struct Flags {
     #[argh(option)]
     pub backend_dns: Vec<String>,
 
+    /// a DNS name whose SRV records are backends (port and weight from each record; the lowest priority serves, higher ones are backups), e.g. _http._tcp.web.internal; re-resolved every --dns-refresh; repeatable
+    #[argh(option)]
+    pub backend_dns_srv: Vec<String>,
+
     /// how often --backend-dns names are resolved again (default 5s)
     #[argh(option)]
     pub dns_refresh: Option<String>,
@@ -186,6 +191,14 @@ pub struct Flags {
     /// length of each listener's accept queue (default 4096; the kernel caps it at net.core.somaxconn)
     #[argh(option)]
     pub listen_backlog: Option<String>,
+
+    /// TCP Fast Open on the listener: how many Fast Open requests may wait (e.g. 256), so a returning client's first bytes ride in its SYN; needs net.ipv4.tcp_fastopen bit 2; 0 = off (default)
+    #[argh(option)]
+    pub tcp_fastopen: Option<String>,
+
+    /// TCP Fast Open toward backends (TCP_FASTOPEN_CONNECT): with a cookie cached, the client's first bytes go in the backend SYN; only for protocols where the client speaks first (docs/operations.md); default off
+    #[argh(switch)]
+    pub backend_fastopen: bool,
 
     /// local address for backend connections; repeatable, used in turn, so one backend can take more than ~60k flows (IP_BIND_ADDRESS_NO_PORT)
     #[argh(option)]
@@ -272,6 +285,7 @@ pub struct Config {
     pub access_log: Option<String>,
     pub backends_file: Option<std::path::PathBuf>,
     pub backend_dns: Vec<DnsTarget>,
+    pub backend_dns_srv: Vec<SrvName>,
     pub dns_refresh: Duration,
     /// `None`: the system's nameserver.
     pub dns_server: Option<SocketAddr>,
@@ -310,6 +324,10 @@ pub struct EdgeConfig {
     pub nodelay: bool,
     pub listen_backlog: i32,
     pub sources: Vec<std::net::IpAddr>,
+    /// TCP_FASTOPEN queue length on listeners; `None`: off.
+    pub tcp_fastopen: Option<u32>,
+    /// TCP_FASTOPEN_CONNECT on backend sockets.
+    pub backend_fastopen: bool,
 }
 
 impl Default for EdgeConfig {
@@ -326,6 +344,8 @@ impl Default for EdgeConfig {
             nodelay: true,
             listen_backlog: 4096,
             sources: Vec::new(),
+            tcp_fastopen: None,
+            backend_fastopen: false,
         }
     }
 }
@@ -390,6 +410,13 @@ fn edge_from_flags(flags: &Flags) -> Result<EdgeConfig, FlagError> {
                 .map_err(|_| flag_error("--source", format!("'{text}' is not an IP address")))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let tcp_fastopen = match &flags.tcp_fastopen {
+        None => None,
+        Some(text) => match parse_in_range("--tcp-fastopen", text, 0, 1 << 20)? {
+            0 => None,
+            queue => Some(queue as u32),
+        },
+    };
     Ok(EdgeConfig {
         send_proxy,
         accept_proxy: flags.accept_proxy,
@@ -402,6 +429,8 @@ fn edge_from_flags(flags: &Flags) -> Result<EdgeConfig, FlagError> {
         nodelay: !flags.no_tcp_nodelay,
         listen_backlog,
         sources,
+        tcp_fastopen,
+        backend_fastopen: flags.backend_fastopen,
     })
 }
 
@@ -500,11 +529,14 @@ impl Config {
             )
         })?;
 
-        if flags.backend.is_empty() && flags.backends_file.is_none() && flags.backend_dns.is_empty()
+        if flags.backend.is_empty()
+            && flags.backends_file.is_none()
+            && flags.backend_dns.is_empty()
+            && flags.backend_dns_srv.is_empty()
         {
             return Err(flag_error(
                 "--backend",
-                "at least one is required (e.g. --backend 10.0.0.11:80), or --backends-file or --backend-dns",
+                "at least one is required (e.g. --backend 10.0.0.11:80), or --backends-file, --backend-dns or --backend-dns-srv",
             ));
         }
         let backends = flags
@@ -633,6 +665,14 @@ impl Config {
                     .map_err(|e| flag_error("--backend-dns", e))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let backend_dns_srv = flags
+            .backend_dns_srv
+            .iter()
+            .map(|text| {
+                text.parse::<SrvName>()
+                    .map_err(|e| flag_error("--backend-dns-srv", e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let optional_duration = |flag: &'static str, value: &Option<String>| match value {
             None => Ok(None),
             Some(text) => parse_duration(text)
@@ -684,6 +724,7 @@ impl Config {
             access_log,
             backends_file: flags.backends_file.as_ref().map(std::path::PathBuf::from),
             backend_dns,
+            backend_dns_srv,
             dns_refresh,
             dns_server,
             drain_timeout,

@@ -18,4 +18,5 @@ pub mod net;
 pub mod proxy_protocol;
 pub mod snapshot;
 pub mod source_limit;
+pub mod tcp_fastopen;
 pub mod worker;

@@ -261,3 +261,59 @@ fn sigterm_with_open_flows_exits_0() {
 fn sigint_with_open_flows_exits_0() {
     stops_cleanly_on(libc::SIGINT);
 }
+
+/// Runs ringway with `args` plus `--show-mapping`, which checks the whole command line and
+/// exits 0 without listening: the flags were accepted.
+fn expect_accepted(args: &[&str]) {
+    let mut all = args.to_vec();
+    all.extend(["--show-mapping", "10.0.0.1"]);
+    let out = run_to_exit(&all, EXIT_TIMEOUT);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "ringway {all:?}:\n{}",
+        out.stderr
+    );
+}
+
+/// [`expect_bad_flag`], and the line also explains the problem with `because`.
+fn expect_bad_value(args: &[&str], flag: &str, because: &str) {
+    expect_bad_flag(args, flag);
+    let out = run_to_exit(args, EXIT_TIMEOUT);
+    assert!(
+        out.stderr.contains(because),
+        "ringway {args:?}: stderr does not say {because:?}:\n{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn backend_dns_srv_with_a_port_or_a_bad_name_is_rejected() {
+    let srv = |value| ["--listen", L, "--backend-dns-srv", value];
+    let flag = "--backend-dns-srv";
+    expect_bad_value(&srv("_http._tcp.web.test:80"), flag, "without a port");
+    expect_bad_value(&srv("a..b"), flag, "'a..b' is not a DNS name");
+    expect_bad_value(&srv("web test"), flag, "'web test' is not a DNS name");
+    expect_bad_value(&srv(""), flag, "'' is not a DNS name");
+}
+
+#[test]
+fn tcp_fastopen_that_is_not_a_queue_length_is_rejected() {
+    let tfo = |value| ["--listen", L, "--backend", B, "--tcp-fastopen", value];
+    let flag = "--tcp-fastopen";
+    expect_bad_value(&tfo("lots"), flag, "'lots' is not an unsigned integer");
+    expect_bad_value(&tfo("-1"), flag, "'-1' is not an unsigned integer");
+    expect_bad_value(&tfo("2000000"), flag, "out of range (0 to 1048576)");
+    expect_accepted(&tfo("256"));
+    expect_accepted(&tfo("0"));
+}
+
+#[test]
+fn backend_fastopen_is_a_switch() {
+    let args = ["--listen", L, "--backend", B, "--backend-fastopen"];
+    expect_accepted(&args);
+    expect_bad_flag(
+        &["--listen", L, "--backend", B, "--backend-fastopen=yes"],
+        "--backend-fastopen",
+    );
+}

@@ -1,8 +1,10 @@
-//! Where the backend list comes from: `--backend` flags, `--backends-file` and `--backend-dns`.
+//! Where the backend list comes from: `--backend` flags, `--backends-file`, `--backend-dns` and
+//! `--backend-dns-srv`.
 //! The control thread merges them into one list; a source that fails keeps its last good list,
 //! so a bad edit or a DNS outage never empties the pool.
 
-use std::net::IpAddr;
+use std::fmt;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
@@ -11,18 +13,61 @@ use log::warn;
 use crate::config::{BackendSpec, Config};
 use crate::discovery::backends_file::{self, FileWatch};
 use crate::discovery::dns::{self, DnsTarget};
+use crate::discovery::dns_srv::{self, SrvName};
+
+/// A DNS name the backends come from: its A/AAAA addresses (`--backend-dns`) or its SRV
+/// records (`--backend-dns-srv`).
+#[derive(Clone, Debug)]
+pub enum DnsSource {
+    Addresses(DnsTarget),
+    Srv(SrvName),
+}
+
+impl DnsSource {
+    /// All the sources the configuration names, `--backend-dns` first.
+    pub fn all(config: &Config) -> Vec<DnsSource> {
+        let addresses = config.backend_dns.iter().cloned().map(DnsSource::Addresses);
+        let srv = config.backend_dns_srv.iter().cloned().map(DnsSource::Srv);
+        addresses.chain(srv).collect()
+    }
+
+    /// One lookup: the backends the name stands for now. Every `Err` means "keep the last".
+    pub fn lookup(
+        &self,
+        nameserver: SocketAddr,
+        timeout: Duration,
+    ) -> Result<Vec<BackendSpec>, String> {
+        match self {
+            DnsSource::Addresses(target) => dns::resolve(&target.name, nameserver, timeout)
+                .map(|addrs| dns::backends_from_addresses(target, &addrs)),
+            DnsSource::Srv(name) => dns_srv::resolve_srv(name, nameserver, timeout)
+                .map(|records| dns_srv::backends_from_srv(&records)),
+        }
+        .map_err(|e| e.to_string())
+    }
+}
+
+impl fmt::Display for DnsSource {
+    /// The flag and its value, for messages.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DnsSource::Addresses(target) => write!(f, "--backend-dns {target}"),
+            DnsSource::Srv(name) => write!(f, "--backend-dns-srv {name}"),
+        }
+    }
+}
 
 pub struct Sources {
     flags: Vec<BackendSpec>,
     file: Option<FileWatch>,
     file_backends: Vec<BackendSpec>,
-    dns: Vec<(DnsTarget, Vec<BackendSpec>)>,
+    dns: Vec<(DnsSource, Vec<BackendSpec>)>,
 }
 
-/// A fresh answer for one `--backend-dns` target.
+/// A fresh answer for one DNS source (an index into [`DnsSource::all`]).
 pub struct DnsAnswer {
     pub target: usize,
-    pub result: Result<Vec<IpAddr>, String>,
+    pub result: Result<Vec<BackendSpec>, String>,
 }
 
 impl Sources {
@@ -33,10 +78,9 @@ impl Sources {
             flags: config.backends.clone(),
             file: config.backends_file.as_ref().map(FileWatch::new),
             file_backends: Vec::new(),
-            dns: config
-                .backend_dns
-                .iter()
-                .map(|t| (t.clone(), Vec::new()))
+            dns: DnsSource::all(config)
+                .into_iter()
+                .map(|source| (source, Vec::new()))
                 .collect(),
         };
         if let Some(watch) = &mut sources.file {
@@ -44,10 +88,10 @@ impl Sources {
             sources.file_backends = backends_file::load(watch.path())?;
         }
         let nameserver = nameserver(config)?;
-        for (target, backends) in &mut sources.dns {
-            let addrs = dns::resolve(&target.name, nameserver, Duration::from_secs(3))
-                .map_err(|e| format!("--backend-dns {target}: {e}"))?;
-            *backends = dns::backends_from_addresses(target, &addrs);
+        for (source, backends) in &mut sources.dns {
+            *backends = source
+                .lookup(nameserver, Duration::from_secs(3))
+                .map_err(|e| format!("{source}: {e}"))?;
         }
         Ok(sources)
     }
@@ -92,8 +136,7 @@ impl Sources {
             return false;
         };
         match answer.result {
-            Ok(addrs) => {
-                let fresh = dns::backends_from_addresses(target, &addrs);
+            Ok(fresh) => {
                 if fresh == *backends {
                     return false;
                 }
@@ -101,7 +144,7 @@ impl Sources {
                 true
             }
             Err(e) => {
-                warn!("--backend-dns {target}: {e}; keeping the last answer");
+                warn!("{target}: {e}; keeping the last answer");
                 false
             }
         }
@@ -111,9 +154,11 @@ impl Sources {
 pub fn nameserver(config: &Config) -> Result<std::net::SocketAddr, String> {
     match config.dns_server {
         Some(server) => Ok(server),
-        None if config.backend_dns.is_empty() => Ok(([127, 0, 0, 1], 53).into()),
+        None if config.backend_dns.is_empty() && config.backend_dns_srv.is_empty() => {
+            Ok(([127, 0, 0, 1], 53).into())
+        }
         None => dns::system_nameserver().ok_or_else(|| {
-            "--backend-dns: no nameserver in /etc/resolv.conf; give --dns-server".into()
+            "--backend-dns/--backend-dns-srv: no nameserver in /etc/resolv.conf; give --dns-server".into()
         }),
     }
 }
@@ -121,7 +166,7 @@ pub fn nameserver(config: &Config) -> Result<std::net::SocketAddr, String> {
 /// Resolves every target each `refresh` on a thread of its own (a slow DNS server must not stall
 /// the control loop) until `stop` is disconnected.
 pub fn spawn_dns_refresher(
-    targets: Vec<DnsTarget>,
+    targets: Vec<DnsSource>,
     nameserver: std::net::SocketAddr,
     refresh: Duration,
     answers: Sender<DnsAnswer>,
@@ -140,8 +185,7 @@ pub fn spawn_dns_refresher(
                     return;
                 }
                 let timeout = refresh.min(Duration::from_secs(3));
-                let result =
-                    dns::resolve(&target.name, nameserver, timeout).map_err(|e| e.to_string());
+                let result = target.lookup(nameserver, timeout);
                 if answers
                     .send(DnsAnswer {
                         target: index,

@@ -179,14 +179,14 @@ fn start_threads(
         }
         None => crossbeam_channel::never(),
     };
-    let dns = if config.backend_dns.is_empty() {
+    let dns = if config.backend_dns.is_empty() && config.backend_dns_srv.is_empty() {
         crossbeam_channel::never()
     } else {
         let nameserver = sources::nameserver(&config).map_err(StartError)?;
         let (answers, dns) = crossbeam_channel::unbounded();
         let (stop, stop_rx) = crossbeam_channel::bounded(1);
         let thread = sources::spawn_dns_refresher(
-            config.backend_dns.clone(),
+            sources::DnsSource::all(&config),
             nameserver,
             config.dns_refresh,
             answers,
@@ -197,6 +197,12 @@ fn start_threads(
         dns
     };
 
+    if let Some(hint) = crate::tcp_fastopen::sysctl_hint(
+        config.edge.tcp_fastopen.is_some(),
+        config.edge.backend_fastopen,
+    ) {
+        warn!("{hint}");
+    }
     if std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req").is_ok_and(|v| v.trim() == "0")
     {
         info!(

@@ -12,35 +12,30 @@
 //! Every `Err` means "keep the backends in use": that includes a name with no addresses
 //! ([`DnsError::NoAddresses`]) and NXDOMAIN, so that a DNS mistake cannot empty the pool.
 //!
-//! Why our own client rather than getaddrinfo (`ToSocketAddrs`): getaddrinfo cannot be pointed
-//! at a given server (so it cannot be tested against one), may answer from caches we do not
-//! control (nscd, systemd-resolved) and mixes in /etc/hosts. What we need is small: one UDP
-//! exchange per record type, with TCP when the answer is truncated.
+//! Why not getaddrinfo (`ToSocketAddrs`): it cannot be pointed at a given server (so it cannot
+//! be tested against one), may answer from caches we do not control (nscd, systemd-resolved)
+//! and mixes in /etc/hosts. The DNS messages are hickory-proto's; the exchange with the server
+//! (UDP, TCP when the answer is truncated) is [`super::dns_exchange`].
 //!
-//! How a lookup goes: the A and the AAAA query leave together from one UDP socket connected
-//! to the nameserver (so the kernel drops datagrams from anyone else), each with a random ID;
-//! a reply counts only if its ID and question match. Unanswered queries are sent once more
-//! halfway through the timeout. A truncated (TC) answer is asked again over TCP. Search
-//! domains and `ndots` from resolv.conf are not applied: NAME is looked up as written, so give
-//! the full name (in Kubernetes, `svc.namespace.svc.cluster.local`). An IP address given as NAME
-//! is its own answer.
+//! Search domains and `ndots` from resolv.conf are not applied: NAME is looked up as written, so
+//! give the full name (in Kubernetes, `svc.namespace.svc.cluster.local`). An IP address given as
+//! NAME is its own answer. Record TTLs are not used: every name is asked again each
+//! `--dns-refresh`, whatever its TTL, so a short TTL is followed no faster than that and a long
+//! one no slower (the nameserver's cache decides how fresh its answer is).
 
-use std::collections::hash_map::RandomState;
 use std::fmt;
-use std::hash::BuildHasher;
-use std::io::{self, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
+use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::dns_message::{
-    build_query, encode_name, parse_response, RecordType, ResponseError, EDNS_UDP_PAYLOAD,
-    RCODE_NXDOMAIN, RCODE_REFUSED, RCODE_SERVFAIL,
-};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+
+use super::dns_exchange::{exchange, Question};
 use crate::config::{parse_backend, BackendSpec};
 
-/// Sends per query over UDP: the first, and one retry for a lost datagram.
-const UDP_ATTEMPTS: u32 = 2;
+/// A CNAME chain longer than this is treated as a loop.
+const MAX_CNAME_CHAIN: usize = 16;
 
 /// Why a lookup gave no usable answer.
 #[derive(Debug)]
@@ -59,11 +54,13 @@ pub enum DnsError {
     /// The nameserver refused the query (REFUSED), e.g. not allowed to recurse for us.
     Refused,
     /// Another error code from the nameserver (e.g. 1, FORMERR).
-    ServerError(u8),
+    ServerError(u16),
     /// The name exists but has no A or AAAA records.
     NoAddresses,
+    /// SRV: the name has no SRV records, or none whose target has an address.
+    NoSrvTargets,
     /// The response breaks the DNS format.
-    Malformed(&'static str),
+    Malformed(String),
     /// A socket error talking to the nameserver (e.g. connection refused: nothing listens).
     Io {
         nameserver: SocketAddr,
@@ -85,6 +82,9 @@ impl fmt::Display for DnsError {
                 write!(f, "the nameserver answered with error code {rcode}")
             }
             DnsError::NoAddresses => write!(f, "the name has no A or AAAA records"),
+            DnsError::NoSrvTargets => {
+                write!(f, "no SRV record of the name leads to an address")
+            }
             DnsError::Malformed(why) => write!(f, "malformed DNS response: {why}"),
             DnsError::Io { nameserver, error } => write!(f, "nameserver {nameserver}: {error}"),
         }
@@ -104,46 +104,24 @@ pub fn resolve(
     if let Ok(address) = name.parse::<IpAddr>() {
         return Ok(vec![address]);
     }
-    let qname = encode_name(name).map_err(DnsError::InvalidName)?;
-    let deadline = Instant::now() + timeout;
-    let random = random_u64();
-    let id_a = random as u16;
-    let id_aaaa = match (random >> 16) as u16 {
-        same if same == id_a => same ^ 1,
-        other => other,
-    };
-    let mut queries = [
-        Query::new(id_a, &qname, RecordType::A),
-        Query::new(id_aaaa, &qname, RecordType::Aaaa),
-    ];
+    let name = parse_name(name).map_err(DnsError::InvalidName)?;
+    resolve_name(&name, nameserver, timeout)
+}
 
-    let io_error = |error: io::Error| match error.kind() {
-        // A socket timeout on the TCP retry.
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => DnsError::Timeout {
-            nameserver,
-            after: timeout,
-        },
-        _ => DnsError::Io { nameserver, error },
-    };
-    exchange_udp(&mut queries, nameserver, deadline).map_err(io_error)?;
-    for query in &mut queries {
-        if matches!(query.outcome, Outcome::Truncated) {
-            query.outcome = exchange_tcp(query, nameserver, deadline).map_err(io_error)?;
-        }
-    }
-
+/// [`resolve`] for a name already checked.
+pub(super) fn resolve_name(
+    name: &Name,
+    nameserver: SocketAddr,
+    timeout: Duration,
+) -> Result<Vec<IpAddr>, DnsError> {
+    let questions = [RecordType::A, RecordType::AAAA].map(|rtype| Question {
+        name: name.clone(),
+        rtype,
+    });
+    let answers = exchange(&questions, nameserver, timeout)?;
     let mut addresses = Vec::new();
-    for query in queries {
-        match query.outcome {
-            Outcome::Addresses(found) => addresses.extend(found),
-            Outcome::Failed(error) => return Err(error),
-            Outcome::Pending | Outcome::Truncated => {
-                return Err(DnsError::Timeout {
-                    nameserver,
-                    after: timeout,
-                })
-            }
-        }
+    for (question, answer) in questions.iter().zip(&answers) {
+        addresses.extend(records_of(&answer.answers, name, question.rtype)?.filter_map(address_of));
     }
     if addresses.is_empty() {
         return Err(DnsError::NoAddresses);
@@ -153,157 +131,75 @@ pub fn resolve(
     Ok(addresses)
 }
 
-/// One question on the wire and what became of it.
-struct Query<'a> {
-    id: u16,
-    qname: &'a [u8],
-    qtype: RecordType,
-    packet: Vec<u8>,
-    outcome: Outcome,
-}
-
-enum Outcome {
-    Pending,
-    Truncated,
-    Addresses(Vec<IpAddr>),
-    Failed(DnsError),
-}
-
-impl<'a> Query<'a> {
-    fn new(id: u16, qname: &'a [u8], qtype: RecordType) -> Query<'a> {
-        Query {
-            id,
-            qname,
-            qtype,
-            packet: build_query(id, qname, qtype),
-            outcome: Outcome::Pending,
-        }
-    }
-
-    fn is_pending(&self) -> bool {
-        matches!(self.outcome, Outcome::Pending)
-    }
-
-    /// What `response` says about this query, or `None` when it is someone else's.
-    fn outcome_of(&self, response: &[u8]) -> Option<Outcome> {
-        Some(
-            match parse_response(response, self.id, self.qname, self.qtype) {
-                Ok(addresses) => Outcome::Addresses(addresses),
-                Err(ResponseError::NotOurs) => return None,
-                Err(ResponseError::Truncated) => Outcome::Truncated,
-                Err(ResponseError::Rcode(rcode)) => Outcome::Failed(match rcode {
-                    RCODE_NXDOMAIN => DnsError::NxDomain,
-                    RCODE_SERVFAIL => DnsError::ServFail,
-                    RCODE_REFUSED => DnsError::Refused,
-                    other => DnsError::ServerError(other),
-                }),
-                Err(ResponseError::Malformed(why)) => Outcome::Failed(DnsError::Malformed(why)),
-            },
-        )
+/// The address an A or AAAA record holds.
+pub(super) fn address_of(record: &Record) -> Option<IpAddr> {
+    match &record.data {
+        RData::A(a) => Some(IpAddr::V4(a.0)),
+        RData::AAAA(aaaa) => Some(IpAddr::V6(aaaa.0)),
+        _ => None,
     }
 }
 
-/// Still worth waiting: some query has no answer yet and none has failed (one failure fails
-/// the lookup, so the other answer would not be used).
-fn waiting(queries: &[Query]) -> bool {
-    queries.iter().any(Query::is_pending)
-        && !queries
-            .iter()
-            .any(|q| matches!(q.outcome, Outcome::Failed(_)))
+/// The records of type `rtype` in `section` that are about `name`: owned by it, or by a name it
+/// is an alias of (CNAME records are followed within the section, in any order). Records for
+/// other names, other classes and other types are ignored.
+pub(super) fn records_of<'m>(
+    section: &'m [Record],
+    name: &Name,
+    rtype: RecordType,
+) -> Result<impl Iterator<Item = &'m Record> + 'm, DnsError> {
+    let names = alias_chain(section, name)?;
+    Ok(section.iter().filter(move |record| {
+        record.dns_class == DNSClass::IN
+            && record.record_type() == rtype
+            && names.contains(&record.name)
+    }))
 }
 
-/// Sends every query and collects answers until all are in or `deadline`; queries still
-/// unanswered at the halfway point are sent again. The reply ID is the same for a retry, so a
-/// late answer to the first send is as good as one to the second.
-fn exchange_udp(
-    queries: &mut [Query],
-    nameserver: SocketAddr,
-    deadline: Instant,
-) -> io::Result<()> {
-    let local: SocketAddr = match nameserver {
-        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-    };
-    let socket = UdpSocket::bind(local)?;
-    socket.connect(nameserver)?;
-    let mut buffer = vec![0u8; usize::from(EDNS_UDP_PAYLOAD) + 512];
-    for attempt in 0..UDP_ATTEMPTS {
-        let now = Instant::now();
-        let attempt_deadline =
-            now + deadline.saturating_duration_since(now) / (UDP_ATTEMPTS - attempt);
-        if !waiting(queries) {
-            break;
+/// `name` and every name it is an alias of, following CNAME records in any order.
+fn alias_chain(section: &[Record], name: &Name) -> Result<Vec<Name>, DnsError> {
+    let mut chain = vec![name.clone()];
+    while let Some(target) = chain.last().and_then(|last| {
+        section.iter().find_map(|record| match &record.data {
+            RData::CNAME(cname) if &record.name == last => Some(&cname.0),
+            _ => None,
+        })
+    }) {
+        if chain.contains(target) || chain.len() > MAX_CNAME_CHAIN {
+            return Err(DnsError::Malformed("CNAME loop".into()));
         }
-        for query in queries.iter().filter(|q| q.is_pending()) {
-            socket.send(&query.packet)?;
-        }
-        while waiting(queries) {
-            let Some(wait) = time_left(attempt_deadline) else {
-                break;
-            };
-            socket.set_read_timeout(Some(wait))?;
-            let length = match socket.recv(&mut buffer) {
-                Ok(length) => length,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    break
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            let response = &buffer[..length];
-            for query in queries.iter_mut().filter(|q| q.is_pending()) {
-                if let Some(outcome) = query.outcome_of(response) {
-                    query.outcome = outcome;
-                }
-            }
-        }
+        chain.push(target.clone());
     }
-    Ok(())
+    Ok(chain)
 }
 
-/// Asks `query` again over TCP (RFC 1035 4.2.2: each message prefixed by its 2-byte length).
-fn exchange_tcp(query: &Query, nameserver: SocketAddr, deadline: Instant) -> io::Result<Outcome> {
-    let timed_out = || {
-        io::Error::new(
-            io::ErrorKind::TimedOut,
-            "TCP retry of a truncated answer timed out",
-        )
-    };
-    let mut stream =
-        TcpStream::connect_timeout(&nameserver, time_left(deadline).ok_or_else(timed_out)?)?;
-    let mut message = Vec::with_capacity(query.packet.len() + 2);
-    message.extend_from_slice(&(query.packet.len() as u16).to_be_bytes());
-    message.extend_from_slice(&query.packet);
-    stream.set_write_timeout(Some(time_left(deadline).ok_or_else(timed_out)?))?;
-    stream.write_all(&message)?;
-    stream.set_read_timeout(Some(time_left(deadline).ok_or_else(timed_out)?))?;
-    let mut length = [0u8; 2];
-    stream.read_exact(&mut length)?;
-    let mut response = vec![0u8; usize::from(u16::from_be_bytes(length))];
-    stream.read_exact(&mut response)?;
-    Ok(match query.outcome_of(&response) {
-        None => Outcome::Failed(DnsError::Malformed("the TCP answer is not for our query")),
-        Some(Outcome::Truncated) => Outcome::Failed(DnsError::Malformed("truncated even over TCP")),
-        Some(outcome) => outcome,
-    })
-}
-
-/// What is left until `deadline`, or `None` when it has passed. Never zero, which socket
-/// timeouts reject.
-fn time_left(deadline: Instant) -> Option<Duration> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    (!left.is_zero()).then_some(left)
-}
-
-/// Unpredictable bits for query IDs, from the standard library's per-process random hash keys
-/// (the random source port adds 16 more bits against off-path spoofing).
-fn random_u64() -> u64 {
-    RandomState::new().hash_one(Instant::now())
+/// Checks `text` as a DNS name and returns it fully qualified: labels of 1 to 63 letters,
+/// digits, `-` and `_`, at most 255 bytes in all; a trailing dot is allowed.
+pub(super) fn parse_name(text: &str) -> Result<Name, String> {
+    let trimmed = text.strip_suffix('.').unwrap_or(text);
+    if trimmed.is_empty() {
+        return Err(format!("'{text}' is not a DNS name"));
+    }
+    if trimmed
+        .split('.')
+        .any(|label| label.is_empty() || label.len() > 63)
+    {
+        return Err(format!(
+            "'{text}' is not a DNS name (each dot-separated label must be 1 to 63 characters)"
+        ));
+    }
+    if !trimmed
+        .bytes()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+    {
+        return Err(format!(
+            "'{text}' is not a DNS name (letters, digits, '-', '_' and '.' only)"
+        ));
+    }
+    let mut name = Name::from_ascii(trimmed)
+        .map_err(|_| format!("'{text}' is longer than a DNS name may be"))?;
+    name.set_fqdn(true);
+    Ok(name)
 }
 
 /// The nameserver of /etc/resolv.conf (the first `nameserver` line with a usable address), on
@@ -340,7 +236,7 @@ impl FromStr for DnsTarget {
         let usage = || format!("'{text}' is not NAME:PORT (e.g. web.internal:8080)");
         let (name, port) = text.trim().rsplit_once(':').ok_or_else(usage)?;
         let port: u16 = port.parse().ok().filter(|p| *p != 0).ok_or_else(usage)?;
-        encode_name(name)?;
+        parse_name(name)?;
         Ok(DnsTarget {
             name: name.to_string(),
             port,
@@ -371,6 +267,8 @@ pub fn backends_from_addresses(target: &DnsTarget, addrs: &[IpAddr]) -> Vec<Back
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::{Ipv6Addr, UdpSocket};
+    use std::time::Instant;
 
     #[test]
     fn target_parsing() {
@@ -419,6 +317,81 @@ mod tests {
             (b.host.as_str(), b.port, b.weight, b.backup),
             ("10.0.0.1", 8080, 1, false)
         );
+    }
+
+    #[test]
+    fn name_rules() {
+        let name = |text: &str| parse_name(text).map(|n| n.to_ascii());
+        assert_eq!(name("a.b.").unwrap(), "a.b.");
+        assert_eq!(name("_srv.x-y.Z9").unwrap(), "_srv.x-y.Z9.");
+        for bad in [
+            "",
+            ".",
+            "a..b",
+            ".a",
+            "a b",
+            "a/b",
+            "é.com",
+            "a.b..",
+            "10.0.0.1:80",
+        ] {
+            assert!(parse_name(bad).is_err(), "{bad:?}");
+        }
+        assert!(parse_name(&"a".repeat(63)).is_ok());
+        assert!(parse_name(&"a".repeat(64)).is_err());
+        let long = vec!["a".repeat(63); 4].join("."); // 4 * 64 + 1 = 257 bytes
+        assert!(parse_name(&long).is_err());
+        let longest = [vec!["a".repeat(63); 3], vec!["a".repeat(61)]]
+            .concat()
+            .join("."); // 255 bytes on the wire
+        assert!(parse_name(&longest).is_ok());
+    }
+
+    fn record(owner: &str, data: RData) -> Record {
+        Record::from_rdata(parse_name(owner).unwrap(), 300, data)
+    }
+
+    fn a(ip: &str) -> RData {
+        RData::A(hickory_proto::rr::rdata::A(ip.parse().unwrap()))
+    }
+
+    fn cname(target: &str) -> RData {
+        RData::CNAME(hickory_proto::rr::rdata::CNAME(parse_name(target).unwrap()))
+    }
+
+    fn addresses(section: &[Record], name: &str) -> Result<Vec<IpAddr>, DnsError> {
+        let name = parse_name(name).unwrap();
+        Ok(records_of(section, &name, RecordType::A)?
+            .filter_map(address_of)
+            .collect())
+    }
+
+    #[test]
+    fn cname_chain_is_followed_and_strangers_ignored() {
+        let section = [
+            record("web.example", cname("LB.example")),
+            record("lb.example", a("10.0.0.7")),
+            record("other.example", a("10.9.9.9")),
+        ];
+        let got = addresses(&section, "Web.Example").unwrap();
+        assert_eq!(got, ["10.0.0.7".parse::<IpAddr>().unwrap()]);
+    }
+
+    #[test]
+    fn cname_after_its_target_and_loops() {
+        let section = [
+            record("b.example", a("10.0.0.8")),
+            record("a.example", cname("b.example")),
+        ];
+        let got = addresses(&section, "a.example").unwrap();
+        assert_eq!(got, ["10.0.0.8".parse::<IpAddr>().unwrap()]);
+
+        let section = [
+            record("a.example", cname("b.example")),
+            record("b.example", cname("a.example")),
+        ];
+        let error = addresses(&section, "a.example").unwrap_err();
+        assert_eq!(error.to_string(), "malformed DNS response: CNAME loop");
     }
 
     #[test]

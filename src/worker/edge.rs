@@ -14,6 +14,7 @@ use crate::flow::CloseReason;
 use crate::net;
 use crate::proxy_protocol;
 use crate::source_limit::{SourceLimiter, SourceTicket};
+use crate::tcp_fastopen;
 
 pub struct Edge {
     send_proxy: Option<ProxyVersion>,
@@ -25,6 +26,8 @@ pub struct Edge {
     keepalive: Option<Keepalive>,
     nodelay: bool,
     sources: Vec<IpAddr>,
+    tcp_fastopen: Option<u32>,
+    backend_fastopen: bool,
 }
 
 impl Edge {
@@ -44,6 +47,8 @@ impl Edge {
             keepalive: config.keepalive,
             nodelay: config.nodelay,
             sources: config.sources.clone(),
+            tcp_fastopen: config.tcp_fastopen,
+            backend_fastopen: config.backend_fastopen,
         }
     }
 
@@ -86,7 +91,11 @@ impl Edge {
     /// Socket options for listeners; accepted sockets inherit TCP_NODELAY and keepalive from
     /// the listener, which saves two system calls per flow.
     pub fn configure_listener(&self, socket: &Socket) -> io::Result<()> {
-        self.configure(socket)
+        self.configure(socket)?;
+        if let Some(queue) = self.tcp_fastopen {
+            tcp_fastopen::enable_on_listener(socket, queue)?;
+        }
+        Ok(())
     }
 
     fn configure(&self, socket: &Socket) -> io::Result<()> {
@@ -108,6 +117,9 @@ impl Edge {
     pub fn backend_socket(&self, addr: &SocketAddr, turn: &mut usize) -> io::Result<Socket> {
         let socket = net::backend_socket(addr)?;
         self.configure(&socket)?;
+        if self.backend_fastopen {
+            tcp_fastopen::enable_on_connect(&socket)?;
+        }
         let family: Vec<&IpAddr> = self
             .sources
             .iter()

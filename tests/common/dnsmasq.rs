@@ -41,30 +41,10 @@ impl Dnsmasq {
         write_atomically(&hosts_path, hosts);
         // The free port is found by binding and releasing it, so another process may take it
         // before dnsmasq does; then dnsmasq exits and we try another.
-        for _ in 0..5 {
-            let port = free_udp_port();
+        for _ in 0..TRIES {
+            let port = free_dns_port();
             let addr = SocketAddr::from(([127, 0, 0, 1], port));
-            let log = File::create(&log_path).expect("create the dnsmasq log");
-            let child = Command::new(&binary)
-                .args([
-                    "--no-daemon", // foreground, no pid file, no user change, log to stderr
-                    "--conf-file=/dev/null",
-                    &format!("--port={port}"),
-                    "--listen-address=127.0.0.1",
-                    "--bind-interfaces",
-                    "--no-resolv",
-                    "--no-hosts",
-                    &format!("--addn-hosts={}", hosts_path.display()),
-                    "--local=/test/",
-                    "--host-record=ready.test,127.0.0.1",
-                ])
-                .args(extra_args)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::from(log))
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
-            let mut process = KillOnDrop(child);
+            let mut process = spawn(&binary, port, dir.path(), extra_args);
             if wait_until_ready(&mut process.0, addr, &log_path) {
                 return Dnsmasq { addr, process, dir };
             }
@@ -74,7 +54,28 @@ impl Dnsmasq {
                 "dnsmasq did not start:\n{log}"
             );
         }
-        panic!("dnsmasq found no free port in 5 tries");
+        panic!("dnsmasq found no free port in {TRIES} tries");
+    }
+
+    /// Stops dnsmasq and starts it again on the same port and hosts file with `extra_args`:
+    /// the way to change records that only the command line sets (`--srv-host`, `--cname`),
+    /// which SIGHUP does not re-read. Returns once the new process answers.
+    pub fn restart(&mut self, extra_args: &[&str]) {
+        let _ = self.process.0.kill();
+        let _ = self.process.0.wait();
+        let log_path = self.dir.path().join("dnsmasq.log");
+        self.process = spawn(
+            &dnsmasq_binary(),
+            self.addr.port(),
+            self.dir.path(),
+            extra_args,
+        );
+        assert!(
+            wait_until_ready(&mut self.process.0, self.addr, &log_path),
+            "dnsmasq did not start again on {}:\n{}",
+            self.addr,
+            self.log()
+        );
     }
 
     /// What dnsmasq has logged so far, for failure messages.
@@ -113,6 +114,32 @@ impl Dnsmasq {
             std::thread::sleep(Duration::from_millis(20)); // pacing of the retry, not a wait
         }
     }
+}
+
+/// Starts dnsmasq on 127.0.0.1:`port`, answering from `dir/hosts`, logging to
+/// `dir/dnsmasq.log` (truncated).
+fn spawn(binary: &Path, port: u16, dir: &Path, extra_args: &[&str]) -> KillOnDrop {
+    let log = File::create(dir.join("dnsmasq.log")).expect("create the dnsmasq log");
+    let child = Command::new(binary)
+        .args([
+            "--no-daemon", // foreground, no pid file, no user change, log to stderr
+            "--conf-file=/dev/null",
+            &format!("--port={port}"),
+            "--listen-address=127.0.0.1",
+            "--bind-interfaces",
+            "--no-resolv",
+            "--no-hosts",
+            &format!("--addn-hosts={}", dir.join("hosts").display()),
+            "--local=/test/",
+            "--host-record=ready.test,127.0.0.1",
+        ])
+        .args(extra_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+    KillOnDrop(child)
 }
 
 /// A child process, killed (SIGKILL, by its PID) and reaped when dropped.
@@ -162,6 +189,27 @@ fn dnsmasq_binary() -> PathBuf {
         "dnsmasq is not installed; the DNS tests need it as a test DNS server. \
          Install it with: apt-get install dnsmasq-base (the binary only, no system service)"
     );
+}
+
+/// Ports tried for dnsmasq before giving up.
+const TRIES: usize = 20;
+
+/// A loopback port free a moment ago for both UDP and TCP (dnsmasq listens on both), chosen
+/// below the kernel's ephemeral range (32768 and up by default): ports picked by the kernel for
+/// UDP are also the ones outgoing TCP connections use, and under load (other tests' flows) the
+/// TCP side of such a port was often taken, failing every try.
+fn free_dns_port() -> u16 {
+    use std::hash::BuildHasher;
+    let random = std::collections::hash_map::RandomState::new();
+    for n in 0u32..1000 {
+        let port = 20_000 + (random.hash_one((n, Instant::now())) % 12_000) as u16;
+        let both = UdpSocket::bind(("127.0.0.1", port))
+            .and_then(|udp| std::net::TcpListener::bind(("127.0.0.1", port)).map(|tcp| (udp, tcp)));
+        if both.is_ok() {
+            return port;
+        }
+    }
+    panic!("no port from 20000 to 31999 free for both UDP and TCP in 1000 tries");
 }
 
 /// A loopback UDP port that was free a moment ago (bound and released).
