@@ -10,6 +10,7 @@
 #   iperf3        real bulk transfers through the proxy (tests/real_peers.rs)
 #   redis-server  a real request/response server (tests/real_peers.rs)
 #   redis-tools   redis-benchmark and redis-cli against it
+#   chromium      a real browser renders the admin status page (tests/status.rs)
 # and root (network namespaces, setns). Nothing here talks to anything but loopback or
 # namespaces the tests create themselves.
 set -euo pipefail
@@ -20,7 +21,7 @@ as_root() {
 }
 
 need=()
-for pkg in iproute2 procps dnsmasq-base nginx iperf3 redis-server redis-tools; do
+for pkg in iproute2 procps dnsmasq-base nginx iperf3 redis-server redis-tools chromium; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if ((${#need[@]})); then
