@@ -219,7 +219,10 @@ fn value_of<'a>(html: &'a str, class: &str, attr: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no element of class {class:?} in {html}"));
     let rest = &html[at..];
     let key = format!("{attr}=\"");
-    let from = rest.find(&key).unwrap_or_else(|| panic!("no {attr} in {rest}")) + key.len();
+    let from = rest
+        .find(&key)
+        .unwrap_or_else(|| panic!("no {attr} in {rest}"))
+        + key.len();
     &rest[from..from + rest[from..].find('"').unwrap()]
 }
 
@@ -304,7 +307,11 @@ fn status_page_renders_in_a_headless_browser() {
     assert_eq!(value_of(live, "share", "data-value"), "1.0000", "{live}");
 
     let dead = backend_row(&dom, &scene.dead.to_string());
-    assert_eq!(value_of(dead, "backend down", "data-state"), "down", "{dead}");
+    assert_eq!(
+        value_of(dead, "backend down", "data-state"),
+        "down",
+        "{dead}"
+    );
     assert!(dead.contains(">DOWN</span>"), "{dead}");
     assert_eq!(value_of(dead, "num active", "data-value"), "0", "{dead}");
     assert_eq!(value_of(dead, "share", "data-value"), "0.0000", "{dead}");
@@ -319,8 +326,14 @@ fn status_page_renders_in_a_headless_browser() {
     assert_eq!(text_of_id(&dom, "max-flows"), "77", "{dom}");
     assert_eq!(text_of_id(&dom, "backends-up"), "1 of 2 up", "{dom}");
     assert_eq!(text_of_id(&dom, "version"), env!("CARGO_PKG_VERSION"));
-    let transition = format!("<tr class=\"transition down\" data-backend=\"{}\">", scene.dead);
-    assert!(dom.contains(&transition), "no transition row {transition}:\n{dom}");
+    let transition = format!(
+        "<tr class=\"transition down\" data-backend=\"{}\">",
+        scene.dead
+    );
+    assert!(
+        dom.contains(&transition),
+        "no transition row {transition}:\n{dom}"
+    );
     assert!(dom.contains("<dt>--max-conns</dt><dd>77</dd>"), "{dom}");
 }
 
@@ -335,7 +348,8 @@ fn status_page_answers_get_and_refuses_other_paths_and_methods() {
     assert_eq!(http_get(scene.admin, "/status.html").0, 404);
     let mut s = TcpStream::connect(scene.admin).unwrap();
     s.set_read_timeout(Some(SHOW_TIMEOUT)).unwrap();
-    s.write_all(b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n").unwrap();
+    s.write_all(b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+        .unwrap();
     let mut reply = String::new();
     s.read_to_string(&mut reply).unwrap();
     assert!(reply.starts_with("HTTP/1.1 405 "), "{reply}");

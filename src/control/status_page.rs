@@ -209,7 +209,7 @@ h2 { font-size:15px; margin:24px 0 8px; color:var(--head); text-transform:upperc
   letter-spacing:.6px; }
 .cards { display:flex; flex-wrap:wrap; gap:12px; }
 .card { background:#fff; border:1px solid var(--line); border-radius:6px; padding:10px 14px;
-  min-width:150px; }
+  flex:1 1 240px; }
 .card .label { color:var(--muted); font-size:12px; text-transform:uppercase; letter-spacing:.4px; }
 .card .value { font-size:22px; font-weight:600; font-variant-numeric:tabular-nums; }
 .card .sub { color:var(--muted); font-size:12px; }
@@ -217,7 +217,7 @@ h2 { font-size:15px; margin:24px 0 8px; color:var(--head); text-transform:upperc
 .bar span { display:block; height:100%; background:var(--up); }
 .bar.hot span { background:var(--warn); }
 table { border-collapse:collapse; width:100%; background:#fff; border:1px solid var(--line); }
-th, td { padding:6px 10px; border-bottom:1px solid var(--line); text-align:left;
+th, td { padding:6px 9px; border-bottom:1px solid var(--line); text-align:left;
   white-space:nowrap; }
 th { background:#e9edf3; font-size:12px; color:var(--muted); text-transform:uppercase;
   letter-spacing:.4px; font-weight:600; }
@@ -233,11 +233,13 @@ tr.total td { font-weight:600; background:#f0f3f7; }
 .pill.down-tried { background:var(--warn); color:#fff; }
 .tag { display:inline-block; margin-left:6px; padding:0 6px; border-radius:3px; font-size:11px;
   background:#e4e8f7; color:#34407a; }
-.since { display:block; color:var(--muted); font-size:12px; white-space:normal; max-width:360px; }
+.since { margin-left:6px; color:var(--muted); font-size:12px; cursor:help; }
+th.group { text-align:center; border-bottom:1px solid var(--line); }
+thead tr:first-child th[rowspan] { vertical-align:bottom; }
 .sharebar { display:inline-block; width:60px; height:6px; background:var(--line); border-radius:3px;
   margin-right:6px; vertical-align:middle; overflow:hidden; }
 .sharebar span { display:block; height:100%; background:#3a6ea5; }
-dl.limits { display:grid; grid-template-columns:max-content 1fr; gap:4px 16px; margin:0;
+dl.limits { display:grid; grid-template-columns:max-content 1fr max-content 1fr; gap:4px 16px; margin:0;
   background:#fff; border:1px solid var(--line); border-radius:6px; padding:10px 14px; }
 dl.limits dt { font-family:ui-monospace,"DejaVu Sans Mono",monospace; color:var(--muted); }
 dl.limits dd { margin:0; font-variant-numeric:tabular-nums; }
@@ -351,7 +353,7 @@ fn render_process(p: &ProcessCounts, out: &mut String) {
         "Refused",
         p.refused,
         p.refused.to_string(),
-        "access lists, per-source limit, PROXY header",
+        "at accept: access lists, limits, PROXY",
     );
     card(
         out,
@@ -365,6 +367,17 @@ fn render_process(p: &ProcessCounts, out: &mut String) {
 }
 
 fn render_backends(page: &StatusPage, out: &mut String) {
+    // A backend's name is the address text it was configured with; the resolved address gets a
+    // column of its own only when some name says something else (a hostname).
+    let show_address = page
+        .backends
+        .iter()
+        .any(|b| b.name != b.address.to_string());
+    let (address_head, address_gap) = if show_address {
+        ("<th rowspan=\"2\">Address</th>", "<td></td>")
+    } else {
+        ("", "")
+    };
     let up = page
         .backends
         .iter()
@@ -373,12 +386,14 @@ fn render_backends(page: &StatusPage, out: &mut String) {
     let _ = write!(
         out,
         "<h2>Backends <span class=\"tag\" id=\"backends-up\">{up} of {} up</span></h2>\n\
-         <table id=\"backends\"><thead><tr><th>Backend</th><th>Address</th><th>State</th>\
-         <th class=\"num\">Weight</th><th class=\"num\">Active flows</th>\
-         <th class=\"num\">Total flows</th><th>Share of new flows</th>\
-         <th class=\"num\">Bytes in</th><th class=\"num\">Bytes out</th>\
-         <th class=\"num\">Failed connects</th><th class=\"num\">Transitions</th></tr></thead>\
-         <tbody>\n",
+         <table id=\"backends\"><thead><tr><th rowspan=\"2\">Backend</th>\
+         {address_head}<th rowspan=\"2\">State</th>\
+         <th rowspan=\"2\" class=\"num\">Weight</th><th colspan=\"2\" class=\"group\">Flows</th>\
+         <th rowspan=\"2\">Share of new flows</th><th colspan=\"2\" class=\"group\">Bytes</th>\
+         <th rowspan=\"2\" class=\"num\">Failed<br>connects</th>\
+         <th rowspan=\"2\" class=\"num\">Health<br>changes</th></tr>\
+         <tr><th class=\"num\">Active</th><th class=\"num\">Total</th>\
+         <th class=\"num\">In</th><th class=\"num\">Out</th></tr></thead><tbody>\n",
         page.backends.len()
     );
     if page.backends.is_empty() {
@@ -393,11 +408,13 @@ fn render_backends(page: &StatusPage, out: &mut String) {
         total.4 += b.connect_failures;
         let name = escaped(&b.name);
         let since = match &b.since {
+            // Short in the row (the cause's kind), whole in the tooltip and the transitions.
             Some((at, cause)) => format!(
-                "<span class=\"since\">since {} ({}): {}</span>",
+                "<span class=\"since\" title=\"since {}: {}\">for {}, {}</span>",
                 utc(*at),
-                ago(*at, page.now),
-                escaped(cause)
+                escaped(cause),
+                human_duration(page.now.duration_since(*at).unwrap_or_default()),
+                escaped(cause.split(':').next().unwrap_or_default()),
             ),
             None => String::new(),
         };
@@ -405,7 +422,7 @@ fn render_backends(page: &StatusPage, out: &mut String) {
         let _ = writeln!(
             out,
             "<tr class=\"backend {class}\" data-backend=\"{name}\" data-state=\"{class}\">\
-             <td class=\"name\">{name}{backup}</td><td class=\"address\">{address}</td>\
+             <td class=\"name\">{name}{backup}</td>{address}\
              <td class=\"state\"><span class=\"pill {class}\">{state}</span>{since}</td>\
              <td class=\"num weight\">{weight}</td>\
              <td class=\"num active\" data-value=\"{active}\">{active}</td>\
@@ -422,7 +439,14 @@ fn render_backends(page: &StatusPage, out: &mut String) {
             } else {
                 ""
             },
-            address = escaped(&b.address.to_string()),
+            address = if show_address {
+                format!(
+                    "<td class=\"address\">{}</td>",
+                    escaped(&b.address.to_string())
+                )
+            } else {
+                String::new()
+            },
             state = b.state.text(),
             weight = b.weight,
             active = b.flows_active,
@@ -438,7 +462,7 @@ fn render_backends(page: &StatusPage, out: &mut String) {
     }
     let _ = write!(
         out,
-        "<tr class=\"total\"><td>Total</td><td></td><td></td><td></td>\
+        "<tr class=\"total\"><td>Total</td>{address_gap}<td></td><td></td>\
          <td class=\"num\">{}</td><td class=\"num\">{}</td><td></td>\
          <td class=\"num\" title=\"{} bytes\">{}</td><td class=\"num\" title=\"{} bytes\">{}</td>\
          <td class=\"num\">{}</td><td></td></tr>\n</tbody></table>\n",
@@ -585,10 +609,13 @@ mod tests {
         assert!(out.contains("<span class=\"pill down\">DOWN</span>"));
         assert!(out.contains("<span class=\"pill up\">UP</span>"));
         assert!(
-            out.contains("since 2026-11-30 00:52:05Z (1m 15s ago)"),
+            out.contains(
+                "title=\"since 2026-11-30 00:52:05Z: check: &lt;refused&gt;\">for 1m 15s, check<"
+            ),
             "{out}"
         );
-        assert!(out.contains("(1m 15s ago)"));
+        // The transitions table says when, and how long ago.
+        assert!(out.contains("<td>2026-11-30 00:52:05Z</td><td>1m 15s ago</td>"));
         assert!(out.contains("<span class=\"tag\">backup</span>"));
         assert!(out.contains("id=\"backends-up\">1 of 2 up<"));
         assert!(out.contains("title=\"5242880 bytes\">5.00 MiB<"));
@@ -601,6 +628,20 @@ mod tests {
         assert!(!out.contains("<script"));
         assert!(!out.contains("src="));
         assert!(!out.contains("http://") && !out.contains("https://"));
+    }
+
+    #[test]
+    fn address_column_only_when_a_name_is_not_its_address() {
+        let mut out = String::new();
+        render(&page(), &mut out);
+        assert!(out.contains("<th rowspan=\"2\">Address</th>"));
+        assert!(out.contains("<td class=\"address\">10.0.0.1:80</td>"));
+        let mut plain = page();
+        plain.backends[0].name = "10.0.0.1:80".into();
+        let mut out = String::new();
+        render(&plain, &mut out);
+        assert!(!out.contains(">Address</th>"), "{out}");
+        assert!(!out.contains("class=\"address\""));
     }
 
     #[test]
