@@ -57,6 +57,7 @@ wait_line "$WORK/idle.ready" "" 30 "$IDLE_PID" || die "idle flows did not open: 
 log "taking the screenshot of http://127.0.0.1:$ADMIN/"
 mkdir -p "$(dirname "$OUT")"
 # setsid: chromium and its helpers in a group of their own, killed by that id if it hangs.
+# (setsid execs chromium in place when started in the background: $! is chromium's PID.)
 setsid chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
     --disable-background-networking --disable-component-update --disable-sync \
     --disable-dev-shm-usage --hide-scrollbars --user-data-dir="$WORK/chromium" \
@@ -67,7 +68,10 @@ for _ in $(seq 1 600); do
     kill -0 "$CPID" 2>/dev/null || break
     sleep 0.1
 done
-kill -KILL -- "-$CPID" 2>/dev/null
+if kill -0 "$CPID" 2>/dev/null; then
+    log "chromium still running after 60 s: killing its process group"
+    kill -KILL -- "-$CPID" 2>/dev/null
+fi
 wait "$CPID" 2>/dev/null
 [ -s "$OUT" ] || die "no screenshot: $(tail -5 "$WORK/chromium.log")"
 kill -USR1 "$IDLE_PID" 2>/dev/null # ends the hold

@@ -190,20 +190,19 @@ fn render_in_chromium(url: &str) -> String {
         });
     let group = child.id() as libc::pid_t;
     let deadline = Instant::now() + BROWSER_TIMEOUT;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break Some(status);
-        }
-        if Instant::now() >= deadline {
-            break None;
-        }
+    let mut finished = exited_unreaped(group);
+    while !finished && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20)); // polling the exit, not a wait for it
-    };
+        finished = exited_unreaped(group);
+    }
+    // Its main process is not reaped yet, so the group id is still ours: end whatever helper
+    // processes are left (all of them if it hung), then reap it.
     // SAFETY: kill(2) on the process group this test created for chromium; no memory involved.
     unsafe {
         libc::kill(-group, libc::SIGKILL);
     }
-    let _ = child.wait();
+    let status = child.wait().unwrap();
+    let status = finished.then_some(status);
     let stderr = std::fs::read_to_string(out.path().join("stderr")).unwrap_or_default();
     match status {
         Some(status) if status.success() => {}
@@ -211,6 +210,23 @@ fn render_in_chromium(url: &str) -> String {
         None => panic!("chromium did not finish within {BROWSER_TIMEOUT:?}\n{stderr}"),
     }
     std::fs::read_to_string(&dom_path).unwrap()
+}
+
+/// Whether process `pid` (our child) has exited, leaving it unreaped (a zombie keeps its id).
+fn exited_unreaped(pid: libc::pid_t) -> bool {
+    // SAFETY: a zeroed siginfo_t is a valid out-parameter for waitid, which fills it in.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid on our own child with WNOWAIT only reads its state into `info`.
+    let rc = unsafe {
+        libc::waitid(
+            libc::P_PID,
+            pid as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        )
+    };
+    // SAFETY: `info` was filled by waitid (all zero when nothing changed).
+    rc == 0 && unsafe { info.si_pid() } != 0
 }
 
 /// The serialized `<tr>` of the backend row for `name` in a rendered DOM.

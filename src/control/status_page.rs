@@ -244,6 +244,9 @@ dl.limits { display:grid; grid-template-columns:max-content 1fr max-content 1fr;
 dl.limits dt { font-family:ui-monospace,"DejaVu Sans Mono",monospace; color:var(--muted); }
 dl.limits dd { margin:0; font-variant-numeric:tabular-nums; }
 .empty { color:var(--muted); font-style:italic; }
+.banner { margin:0 0 10px; padding:8px 12px; border-radius:6px; font-weight:600; }
+.banner.alert { background:var(--down); color:#fff; }
+.banner.warn { background:var(--warn-bg); color:var(--warn); border:1px solid var(--warn); }
 footer { color:var(--muted); font-size:12px; margin-top:24px; }
 "#;
 
@@ -383,10 +386,21 @@ fn render_backends(page: &StatusPage, out: &mut String) {
         .iter()
         .filter(|b| b.state == State::Up)
         .count();
+    let tried = page.backends.iter().any(|b| b.state == State::DownTried);
+    let banner = if up > 0 || page.backends.is_empty() {
+        ""
+    } else if tried {
+        "<p class=\"banner warn\" id=\"routing\">Every backend is down. Those down by failed \
+         connects alone (passive checks) are still tried, so clients are not turned away \
+         without a try.</p>\n"
+    } else {
+        "<p class=\"banner alert\" id=\"routing\">No backend is up: new clients are closed at \
+         once until one comes back.</p>\n"
+    };
     let _ = write!(
         out,
         "<h2>Backends <span class=\"tag\" id=\"backends-up\">{up} of {} up</span></h2>\n\
-         <table id=\"backends\"><thead><tr><th rowspan=\"2\">Backend</th>\
+         {banner}<table id=\"backends\"><thead><tr><th rowspan=\"2\">Backend</th>\
          {address_head}<th rowspan=\"2\">State</th>\
          <th rowspan=\"2\" class=\"num\">Weight</th><th colspan=\"2\" class=\"group\">Flows</th>\
          <th rowspan=\"2\">Share of new flows</th><th colspan=\"2\" class=\"group\">Bytes</th>\
@@ -642,6 +656,26 @@ mod tests {
         render(&plain, &mut out);
         assert!(!out.contains(">Address</th>"), "{out}");
         assert!(!out.contains("class=\"address\""));
+    }
+
+    #[test]
+    fn says_when_no_backend_takes_new_flows() {
+        let mut out = String::new();
+        render(&page(), &mut out);
+        assert!(
+            !out.contains("id=\"routing\""),
+            "one backend is up: no banner"
+        );
+        let mut all_down = page();
+        all_down.backends[0].state = State::Down;
+        let mut out = String::new();
+        render(&all_down, &mut out);
+        assert!(out.contains("class=\"banner alert\" id=\"routing\">No backend is up"));
+        all_down.backends[0].state = State::DownTried;
+        let mut out = String::new();
+        render(&all_down, &mut out);
+        assert!(out.contains("class=\"banner warn\" id=\"routing\">Every backend is down."));
+        assert!(out.contains("<span class=\"pill down-tried\">DOWN, tried</span>"));
     }
 
     #[test]
