@@ -5,7 +5,7 @@
 //! - on the tick, at most every [`FLUSH_INTERVAL`]: each open flow's bytes moved since it was
 //!   last accounted (`Slot::bytes_accounted`), summed per backend first so a backend's shared
 //!   counters take one add per flush from this worker, however many flows it carries;
-//! - at release, whatever the flow moved since its last flush (`unaccounted`).
+//! - at release, whatever the flow moved since its last flush ([`take_unaccounted`]).
 //!
 //! So an operator watching a day-long stream sees its bytes within a second, and the data path
 //! itself writes nothing shared: a send completion only bumps the flow's own count.
