@@ -411,7 +411,11 @@ fn render_backends(page: &StatusPage, out: &mut String) {
         page.backends.len()
     );
     if page.backends.is_empty() {
-        out.push_str("<tr><td colspan=\"11\" class=\"empty\">no backends</td></tr>\n");
+        let columns = if show_address { 11 } else { 10 };
+        let _ = writeln!(
+            out,
+            "<tr><td colspan=\"{columns}\" class=\"empty\">no backends</td></tr>"
+        );
     }
     let mut total = (0u64, 0u64, 0u64, 0u64, 0u64);
     for b in &page.backends {
