@@ -11,6 +11,7 @@
 #   redis-server  a real request/response server (tests/real_peers.rs)
 #   redis-tools   redis-benchmark and redis-cli against it
 #   curl          a real TCP Fast Open client (tests/tcp_fastopen.rs)
+#   chromium      a real browser renders the admin status page (tests/status.rs)
 # and root (network namespaces, setns). Nothing here talks to anything but loopback or
 # namespaces the tests create themselves.
 set -euo pipefail
@@ -21,7 +22,7 @@ as_root() {
 }
 
 need=()
-for pkg in iproute2 procps dnsmasq-base nginx iperf3 redis-server redis-tools curl; do
+for pkg in iproute2 procps dnsmasq-base nginx iperf3 redis-server redis-tools curl chromium; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if ((${#need[@]})); then

@@ -307,7 +307,7 @@ fn push_millis(d: Duration, out: &mut String) {
 }
 
 /// `YYYY-MM-DDTHH:MM:SS.mmmZ` (UTC). Times before 1970 are written as the epoch.
-fn push_rfc3339_millis(t: SystemTime, out: &mut String) {
+pub(crate) fn push_rfc3339_millis(t: SystemTime, out: &mut String) {
     let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
     let (year, month, day) = civil_from_days(secs / 86_400);

@@ -18,14 +18,17 @@
 //!   before it became a flow (limit, ACL, per-source limit, bad PROXY header). Does not touch
 //!   the active gauge; the connection is *not* counted in `flows_accepted`.
 //! - [`bytes_client_to_backend`](WorkerStatsWriter::bytes_client_to_backend) /
-//!   [`bytes_backend_to_client`](WorkerStatsWriter::bytes_backend_to_client): bytes delivered,
-//!   either per send completion (live) or once at flow end — pick one, not both.
+//!   [`bytes_backend_to_client`](WorkerStatsWriter::bytes_backend_to_client): bytes delivered.
+//!   The worker adds each open flow's new bytes on its periodic flush and the rest at release
+//!   (`worker/live_bytes.rs`), so every byte is added exactly once.
 //! - [`connect_failed`](WorkerStatsWriter::connect_failed): one backend connect attempt failed or
 //!   timed out (a flow that retries may count several).
 //! - [`connect_local_error`](WorkerStatsWriter::connect_local_error): a backend connect (or its
 //!   socket) failed for lack of a local resource: ports, descriptors, buffers, memory.
 //! - [`connected`](WorkerStatsWriter::connected)`(elapsed)`: a backend connect succeeded after
 //!   `elapsed`; feeds the connect-time histogram.
+//! - [`flow_relayed`](WorkerStatsWriter::flow_relayed)`(duration, up, down)`: a flow that reached
+//!   a backend ended; feeds the flow-duration and bytes-per-flow histograms.
 //! - [`accept_error`](WorkerStatsWriter::accept_error): accept completed with an error.
 //! - [`buffer_ring_exhausted`](WorkerStatsWriter::buffer_ring_exhausted): a recv got ENOBUFS.
 //!
@@ -33,7 +36,8 @@
 //!
 //! One `Arc<BackendStats>` per backend name, kept by the control thread in a name-keyed map so the
 //! numbers survive reloads, and handed to workers (e.g. inside the snapshot). All workers write
-//! it, so it uses `fetch_add`; it is touched only at flow start and end, never per byte.
+//! it, so it uses `fetch_add`; it is touched at flow start and end and by each worker's periodic
+//! byte flush (one add per backend per flush, see `worker/live_bytes.rs`), never per byte.
 //!
 //! # Rendering
 //!
@@ -186,6 +190,61 @@ fn connect_slot(micros: u64) -> usize {
         .unwrap_or(CONNECT_BUCKETS.len())
 }
 
+// ---- flow histograms (duration, bytes per flow) ---------------------------------------------
+
+/// Upper bounds of the flow-duration buckets in microseconds, with their `le` text: from a
+/// millisecond (a refused request) to a day (a long-lived stream).
+const FLOW_DURATION_BUCKETS: [(u64, &str); 16] = [
+    (1_000, "0.001"),
+    (5_000, "0.005"),
+    (10_000, "0.01"),
+    (50_000, "0.05"),
+    (100_000, "0.1"),
+    (500_000, "0.5"),
+    (1_000_000, "1"),
+    (5_000_000, "5"),
+    (10_000_000, "10"),
+    (30_000_000, "30"),
+    (60_000_000, "60"),
+    (300_000_000, "300"),
+    (900_000_000, "900"),
+    (3_600_000_000, "3600"),
+    (14_400_000_000, "14400"),
+    (86_400_000_000, "86400"),
+];
+const FLOW_DURATION_SLOTS: usize = FLOW_DURATION_BUCKETS.len() + 1;
+
+/// Upper bounds of the bytes-per-flow buckets (one direction of one flow), powers of 4 from
+/// 256 B to 16 GiB.
+const FLOW_BYTES_BUCKETS: [(u64, &str); 14] = [
+    (1 << 8, "256"),
+    (1 << 10, "1024"),
+    (1 << 12, "4096"),
+    (1 << 14, "16384"),
+    (1 << 16, "65536"),
+    (1 << 18, "262144"),
+    (1 << 20, "1048576"),
+    (1 << 22, "4194304"),
+    (1 << 24, "16777216"),
+    (1 << 26, "67108864"),
+    (1 << 28, "268435456"),
+    (1 << 30, "1073741824"),
+    (1 << 32, "4294967296"),
+    (1 << 34, "17179869184"),
+];
+const FLOW_BYTES_SLOTS: usize = FLOW_BYTES_BUCKETS.len() + 1;
+
+/// Index of the bytes-per-flow histogram for each direction (and the `direction` label).
+const DIRECTIONS: [&str; 2] = ["client_to_backend", "backend_to_client"];
+
+/// The slot for `value` among `bounds`: the first bound >= it, or the overflow slot.
+fn bucket_slot(bounds: &[(u64, &str)], value: u64) -> usize {
+    bounds
+        .iter()
+        .position(|&(bound, _)| value <= bound)
+        .unwrap_or(bounds.len())
+}
+
 fn duration_micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
@@ -217,6 +276,12 @@ pub struct WorkerStats {
     /// those above the largest bound. The count is their sum, so `+Inf == _count` always holds.
     connect_buckets: [AtomicU64; CONNECT_SLOTS],
     connect_sum_micros: AtomicU64,
+    /// Flows that reached a backend, by lifetime (non-cumulative, like `connect_buckets`).
+    flow_duration_buckets: [AtomicU64; FLOW_DURATION_SLOTS],
+    flow_duration_sum_micros: AtomicU64,
+    /// The same flows by bytes moved, per direction (indexed like [`DIRECTIONS`]).
+    flow_bytes_buckets: [[AtomicU64; FLOW_BYTES_SLOTS]; 2],
+    flow_bytes_sum: [AtomicU64; 2],
 }
 
 impl WorkerStats {
@@ -240,6 +305,13 @@ impl WorkerStats {
             spill_bytes: load(&self.spill_bytes),
             connect_buckets: self.connect_buckets.each_ref().map(load),
             connect_sum_micros: load(&self.connect_sum_micros),
+            flow_duration_buckets: self.flow_duration_buckets.each_ref().map(load),
+            flow_duration_sum_micros: load(&self.flow_duration_sum_micros),
+            flow_bytes_buckets: self
+                .flow_bytes_buckets
+                .each_ref()
+                .map(|direction| direction.each_ref().map(load)),
+            flow_bytes_sum: self.flow_bytes_sum.each_ref().map(load),
         }
     }
 }
@@ -329,6 +401,20 @@ impl WorkerStatsWriter {
         bump(&self.stats.connect_sum_micros, micros);
     }
 
+    /// A flow that reached a backend ended `duration` after it was accepted, having moved `up`
+    /// bytes client to backend and `down` bytes back.
+    pub fn flow_relayed(&self, duration: Duration, up: u64, down: u64) {
+        let micros = duration_micros(duration);
+        let slot = bucket_slot(&FLOW_DURATION_BUCKETS, micros);
+        bump(&self.stats.flow_duration_buckets[slot], 1);
+        bump(&self.stats.flow_duration_sum_micros, micros);
+        for (direction, bytes) in [up, down].into_iter().enumerate() {
+            let slot = bucket_slot(&FLOW_BYTES_BUCKETS, bytes);
+            bump(&self.stats.flow_bytes_buckets[direction][slot], 1);
+            bump(&self.stats.flow_bytes_sum[direction], bytes);
+        }
+    }
+
     pub fn accept_error(&self) {
         bump(&self.stats.accept_errors, 1);
     }
@@ -379,6 +465,12 @@ pub struct WorkerCounts {
     /// Non-cumulative bucket counts, the last being above 5 s.
     pub connect_buckets: [u64; CONNECT_SLOTS],
     pub connect_sum_micros: u64,
+    /// Non-cumulative, the last being above a day.
+    pub flow_duration_buckets: [u64; FLOW_DURATION_SLOTS],
+    pub flow_duration_sum_micros: u64,
+    /// Per direction (client to backend, backend to client); non-cumulative.
+    pub flow_bytes_buckets: [[u64; FLOW_BYTES_SLOTS]; 2],
+    pub flow_bytes_sum: [u64; 2],
 }
 
 impl WorkerCounts {
@@ -414,6 +506,20 @@ impl WorkerCounts {
         self.connect_sum_micros = self
             .connect_sum_micros
             .wrapping_add(other.connect_sum_micros);
+        sum(
+            &mut self.flow_duration_buckets,
+            &other.flow_duration_buckets,
+        );
+        self.flow_duration_sum_micros = self
+            .flow_duration_sum_micros
+            .wrapping_add(other.flow_duration_sum_micros);
+        for direction in 0..2 {
+            sum(
+                &mut self.flow_bytes_buckets[direction],
+                &other.flow_bytes_buckets[direction],
+            );
+        }
+        sum(&mut self.flow_bytes_sum, &other.flow_bytes_sum);
     }
 
     /// Successful connects observed (the histogram's `_count`).
@@ -426,7 +532,8 @@ impl WorkerCounts {
 
 // ---- per backend ---------------------------------------------------------------------------
 
-/// One backend's counters, shared by every worker. Touched at flow start and end only.
+/// One backend's counters, shared by every worker. Touched at flow start and end, and by each
+/// worker's byte flush (a few times a second), never per byte.
 #[derive(Debug)]
 pub struct BackendStats {
     flows_active: AtomicU64,
@@ -464,7 +571,8 @@ impl BackendStats {
         self.flows_total.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// A flow that [started](Self::flow_started) here was released, having moved these bytes.
+    /// A flow that [started](Self::flow_started) here was released, having moved these bytes
+    /// since they were last [added](Self::add_bytes) (its whole bytes if never).
     pub fn flow_ended(&self, client_to_backend: u64, backend_to_client: u64) {
         // Saturating, so an unpaired call cannot make the gauge read 2^64 - 1.
         let _ = self
@@ -472,10 +580,20 @@ impl BackendStats {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
                 Some(n.saturating_sub(1))
             });
-        self.bytes_client_to_backend
-            .fetch_add(client_to_backend, Ordering::Relaxed);
-        self.bytes_backend_to_client
-            .fetch_add(backend_to_client, Ordering::Relaxed);
+        self.add_bytes(client_to_backend, backend_to_client);
+    }
+
+    /// Bytes that flows still open here moved (a worker's periodic flush): the byte counters
+    /// move while long flows run, not only when they end.
+    pub fn add_bytes(&self, client_to_backend: u64, backend_to_client: u64) {
+        if client_to_backend > 0 {
+            self.bytes_client_to_backend
+                .fetch_add(client_to_backend, Ordering::Relaxed);
+        }
+        if backend_to_client > 0 {
+            self.bytes_backend_to_client
+                .fetch_add(backend_to_client, Ordering::Relaxed);
+        }
     }
 
     /// One connect attempt to this backend failed or timed out.
@@ -664,7 +782,7 @@ pub fn render_prometheus(
         out,
         "ringway_bytes_total",
         "counter",
-        "Bytes relayed, by direction.",
+        "Bytes relayed, by direction; open flows' bytes added every 0.5 s.",
     );
     sample(
         out,
@@ -751,7 +869,71 @@ pub fn render_prometheus(
     sample(out, name, "_sum", &[], Seconds(total.connect_sum_micros));
     sample(out, name, "_count", &[], count);
 
+    let name = "ringway_flow_duration_seconds";
+    family(
+        out,
+        name,
+        "histogram",
+        "Lifetime of flows that reached a backend, from accept to release.",
+    );
+    let count = histogram_buckets(
+        out,
+        name,
+        &[],
+        &FLOW_DURATION_BUCKETS,
+        &total.flow_duration_buckets,
+    );
+    sample(
+        out,
+        name,
+        "_sum",
+        &[],
+        Seconds(total.flow_duration_sum_micros),
+    );
+    sample(out, name, "_count", &[], count);
+
+    let name = "ringway_flow_bytes";
+    family(
+        out,
+        name,
+        "histogram",
+        "Bytes one flow that reached a backend moved in its life, by direction.",
+    );
+    for (i, direction) in DIRECTIONS.iter().enumerate() {
+        let labels = [("direction", *direction)];
+        let count = histogram_buckets(
+            out,
+            name,
+            &labels,
+            &FLOW_BYTES_BUCKETS,
+            &total.flow_bytes_buckets[i],
+        );
+        sample(out, name, "_sum", &labels, total.flow_bytes_sum[i]);
+        sample(out, name, "_count", &labels, count);
+    }
+
     render_backends(backends, out);
+}
+
+/// Writes the cumulative `_bucket` samples (with `labels` plus `le`) of one histogram from its
+/// non-cumulative slots (one per bound, then the overflow); returns the count.
+fn histogram_buckets(
+    out: &mut String,
+    name: &str,
+    labels: &[(&str, &str)],
+    bounds: &[(u64, &str)],
+    slots: &[u64],
+) -> u64 {
+    let mut cumulative = 0u64;
+    let mut with_le: Vec<(&str, &str)> = labels.to_vec();
+    with_le.push(("le", ""));
+    let le = with_le.len() - 1;
+    for (i, &n) in slots.iter().enumerate() {
+        cumulative = cumulative.wrapping_add(n);
+        with_le[le].1 = bounds.get(i).map_or("+Inf", |&(_, text)| text);
+        sample(out, name, "_bucket", &with_le, cumulative);
+    }
+    cumulative
 }
 
 fn render_backends(backends: &[(String, Arc<BackendStats>, bool)], out: &mut String) {
@@ -813,7 +995,7 @@ fn render_backends(backends: &[(String, Arc<BackendStats>, bool)], out: &mut Str
         out,
         "ringway_backend_bytes_total",
         "counter",
-        "Bytes relayed through the backend by flows that have ended, by direction.",
+        "Bytes relayed through the backend, by direction; open flows' bytes added every 0.5 s.",
     );
     for (name, counts, _) in &rows {
         sample(
@@ -1158,6 +1340,78 @@ mod tests {
             ),
             1.0
         );
+    }
+
+    #[test]
+    fn flow_histograms_sum_workers_and_split_directions() {
+        let a = WorkerStatsWriter::new();
+        let b = WorkerStatsWriter::new();
+        a.flow_relayed(Duration::from_micros(800), 100, 0); // le 0.001; 256 / 256
+        a.flow_relayed(Duration::from_secs(2), 5_000, 70_000); // le 5; 16384 / 262144
+        b.flow_relayed(Duration::from_secs(90_000), 1 << 40, 1); // +Inf; +Inf / 256
+        let workers = vec![a.stats().clone(), b.stats().clone()];
+        let mut out = String::new();
+        render_prometheus(&workers, &[], &mut out);
+        let samples = parse_exposition(&out).unwrap_or_else(|e| panic!("{e}\n{out}"));
+        check_histogram(&samples, "ringway_flow_duration_seconds").unwrap();
+        let v = |name: &str, labels: &[(&str, &str)]| value(&samples, name, labels);
+
+        let d = "ringway_flow_duration_seconds";
+        assert_eq!(v(&format!("{d}_bucket"), &[("le", "0.001")]), 1.0);
+        assert_eq!(v(&format!("{d}_bucket"), &[("le", "1")]), 1.0);
+        assert_eq!(v(&format!("{d}_bucket"), &[("le", "5")]), 2.0);
+        assert_eq!(v(&format!("{d}_bucket"), &[("le", "86400")]), 2.0);
+        assert_eq!(v(&format!("{d}_bucket"), &[("le", "+Inf")]), 3.0);
+        assert_eq!(v(&format!("{d}_count"), &[]), 3.0);
+        assert!((v(&format!("{d}_sum"), &[]) - 90_002.000_8).abs() < 1e-6);
+
+        let f = "ringway_flow_bytes";
+        let up = ("direction", "client_to_backend");
+        let down = ("direction", "backend_to_client");
+        assert_eq!(v(&format!("{f}_bucket"), &[up, ("le", "256")]), 1.0);
+        assert_eq!(v(&format!("{f}_bucket"), &[up, ("le", "16384")]), 2.0);
+        assert_eq!(v(&format!("{f}_bucket"), &[up, ("le", "17179869184")]), 2.0);
+        assert_eq!(v(&format!("{f}_bucket"), &[up, ("le", "+Inf")]), 3.0);
+        assert_eq!(v(&format!("{f}_bucket"), &[down, ("le", "256")]), 2.0);
+        assert_eq!(v(&format!("{f}_bucket"), &[down, ("le", "65536")]), 2.0);
+        assert_eq!(v(&format!("{f}_bucket"), &[down, ("le", "262144")]), 3.0);
+        assert_eq!(v(&format!("{f}_count"), &[up]), 3.0);
+        assert_eq!(v(&format!("{f}_count"), &[down]), 3.0);
+        assert_eq!(v(&format!("{f}_sum"), &[up]), (5_100 + (1u64 << 40)) as f64);
+        assert_eq!(v(&format!("{f}_sum"), &[down]), 70_001.0);
+        // Each direction's buckets are cumulative and end in +Inf == _count.
+        for direction in DIRECTIONS {
+            let own: Vec<Sample> = samples
+                .iter()
+                .filter(|s| s.name.starts_with(f) && s.label("direction") == Some(direction))
+                .map(|s| Sample {
+                    name: s.name.clone(),
+                    labels: s.labels.clone(),
+                    value: s.value,
+                })
+                .collect();
+            check_histogram(&own, f).unwrap();
+        }
+    }
+
+    #[test]
+    fn backend_bytes_added_live_and_at_end_sum_once() {
+        let b = BackendStats::new();
+        b.flow_started();
+        b.add_bytes(10, 0);
+        b.add_bytes(5, 7);
+        assert_eq!(b.read().bytes_client_to_backend, 15);
+        assert_eq!(b.read().flows_active, 1);
+        b.flow_ended(1, 2);
+        let counts = b.read();
+        assert_eq!(
+            (
+                counts.bytes_client_to_backend,
+                counts.bytes_backend_to_client
+            ),
+            (16, 9)
+        );
+        assert_eq!(counts.flows_active, 0);
     }
 
     #[test]

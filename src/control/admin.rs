@@ -3,6 +3,7 @@
 //! - `GET /metrics`  -> 200, `text/plain; version=0.0.4`, whatever [`AdminView::metrics`] writes.
 //! - `GET /backends` -> 200, `application/json`, whatever [`AdminView::backends_json`] writes
 //!   (use [`backends_json`] with [`BackendRow`]s to produce it).
+//! - `GET /` -> 200, `text/html`, whatever [`AdminView::status_page`] writes.
 //! - any other path -> 404; any method other than GET or HEAD -> 405; a malformed request -> 400;
 //!   a request head over 8 KiB -> 431.
 //!
@@ -37,6 +38,8 @@ pub trait AdminView: Send + Sync {
     fn metrics(&self, out: &mut String);
     /// Appends a JSON array of backends (see [`backends_json`]).
     fn backends_json(&self, out: &mut String);
+    /// Appends the HTML status page (see `super::status_page`).
+    fn status_page(&self, out: &mut String);
 }
 
 /// Connections served at once.
@@ -338,6 +341,17 @@ fn route(head: &[u8], view: &dyn AdminView) -> Response {
                 head_only: false,
             }
         }
+        "/" => {
+            let mut body = String::with_capacity(16 * 1024);
+            view.status_page(&mut body);
+            Response {
+                status: 200,
+                reason: "OK",
+                content_type: "text/html; charset=utf-8",
+                body,
+                head_only: false,
+            }
+        }
         _ => Response::text(404, "Not Found"),
     };
     response.head_only = method == "HEAD";
@@ -458,6 +472,9 @@ mod tests {
                 out,
             );
         }
+        fn status_page(&self, out: &mut String) {
+            out.push_str("<!DOCTYPE html><title>status</title>");
+        }
     }
 
     /// Starts a server on an ephemeral loopback port with the given request deadline. It runs
@@ -520,6 +537,28 @@ mod tests {
         let r = exchange(addr, b"HEAD /metrics HTTP/1.1\r\n\r\n");
         assert_eq!(status(&r), "200", "{r}");
         assert_eq!(body(&r), "");
+    }
+
+    #[test]
+    fn serves_the_status_page_at_the_root_only() {
+        let addr = start(REQUEST_DEADLINE);
+        let r = exchange(addr, b"GET /?refresh=1 HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert_eq!(status(&r), "200", "{r}");
+        assert!(
+            r.contains("Content-Type: text/html; charset=utf-8\r\n"),
+            "{r}"
+        );
+        assert_eq!(body(&r), "<!DOCTYPE html><title>status</title>");
+        let r = exchange(addr, b"HEAD / HTTP/1.1\r\n\r\n");
+        assert_eq!(status(&r), "200", "{r}");
+        assert_eq!(body(&r), "");
+        for path in ["/index.html", "//", "/status"] {
+            let r = exchange(addr, format!("GET {path} HTTP/1.1\r\n\r\n").as_bytes());
+            assert_eq!(status(&r), "404", "{path}: {r}");
+        }
+        let r = exchange(addr, b"DELETE / HTTP/1.1\r\n\r\n");
+        assert_eq!(status(&r), "405", "{r}");
+        assert!(r.contains("Allow: GET, HEAD\r\n"), "{r}");
     }
 
     #[test]

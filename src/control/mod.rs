@@ -14,6 +14,7 @@
 //! | `health` | the up/down state machine and the active-check thread |
 //! | `sources` | where backends come from; the DNS refresh thread |
 //! | `admin`, `view` | the admin HTTP endpoint and what it shows |
+//! | `status`, `status_page` | `GET /`: what the status page gathers (limits, recent transitions, shares) and its HTML |
 //!
 //! Workers get commands over crossbeam channels, each followed by a byte on the worker's wake
 //! pipe so its ring notices at once. Workers report to the control thread (`crate::events`) on
@@ -27,6 +28,8 @@ mod reload;
 mod signals;
 mod sources;
 mod startup;
+mod status;
+mod status_page;
 mod threads;
 mod transitions;
 mod view;

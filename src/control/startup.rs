@@ -21,6 +21,7 @@ use super::control_loop::Control;
 use super::health;
 use super::signals::SignalThread;
 use super::sources;
+use super::status::ProcessInfo;
 use super::threads::{DnsRefresher, HealthChecker, Threads};
 use super::view::View;
 use super::StartError;
@@ -145,12 +146,15 @@ fn start_threads(
         return Err(StartError(message));
     }
 
-    let view = Arc::new(View::new(
-        worker_stats,
-        max_conns as u64,
-        snapshot,
-        access_log.as_ref().map(access_log::AccessLog::counters),
-    ));
+    let view = Arc::new(
+        View::new(
+            worker_stats,
+            max_conns as u64,
+            snapshot,
+            access_log.as_ref().map(access_log::AccessLog::counters),
+        )
+        .with_process(ProcessInfo::new(&config, workers, max_conns, listen_addr)),
+    );
     if let Some(listener) = admin_listener {
         let addr = listener.local_addr().ok();
         let server = admin::spawn(listener, Arc::clone(&view) as Arc<dyn admin::AdminView>)

@@ -64,6 +64,7 @@ impl Control {
     fn transition(&mut self, i: usize, up: bool, how: &str, detail: &str, threads: &mut Threads) {
         let name = self.backends.entries[i].spec.name.clone();
         self.backends.set_healthy_metric(&name, up);
+        self.view.transitions.record(&name, up, how, detail);
         // Every worker uses the new mask before the line is logged: what it says is true.
         self.publish(threads);
         let healthy = self.backends.healthy_count();

@@ -19,6 +19,7 @@ use crate::flow::{CloseReason, Ending, Flow, Op, Phase};
 use crate::metrics::CloseKind;
 use crate::proxy_protocol::{self, Parsed};
 
+use super::live_bytes;
 use super::token::{self, Kind, Token};
 use super::{timespec, Greeting, Slot, Worker};
 
@@ -103,6 +104,7 @@ impl Worker {
             ticket,
             greeting,
             spill: None,
+            bytes_accounted: (0, 0),
         });
         let mut ops = std::mem::take(&mut self.ops);
         let entry = &mut self.slots[slot];
@@ -249,7 +251,10 @@ impl Worker {
     }
 
     pub(super) fn release(&mut self, index: usize, ending: Ending) {
-        let slot = self.slots.remove(index);
+        let mut slot = self.slots.remove(index);
+        // What the tick's flushes have not counted yet: the counters end exactly at the flow's
+        // bytes, which the access log records whole.
+        let (new_up, new_down) = live_bytes::take_unaccounted(&mut slot);
         if ending.reset_client {
             let _ = SockRef::from(&slot.client).set_linger(Some(Duration::ZERO));
         }
@@ -269,13 +274,14 @@ impl Worker {
             .and_then(|(i, set)| set.backends.get(i));
         let kind = CloseKind::from(ending.reason);
         self.stats.flow_closed(kind);
-        self.stats.bytes_client_to_backend(up);
-        self.stats.bytes_backend_to_client(down);
+        self.stats.bytes_client_to_backend(new_up);
+        self.stats.bytes_backend_to_client(new_down);
+        let duration = slot.accepted_at.elapsed();
         if let (Some(backend), Some(_)) = (backend, slot.connect_time) {
-            backend.stats.flow_ended(up, down);
+            backend.stats.flow_ended(new_up, new_down);
+            self.stats.flow_relayed(duration, up, down);
         }
         if let Some(log) = &self.access_log {
-            let duration = slot.accepted_at.elapsed();
             log.log(FlowRecord {
                 start: std::time::SystemTime::now() - duration,
                 client: slot.client_addr,

@@ -219,6 +219,7 @@ impl Worker {
         self.timers.advance(now, &mut due);
         self.due = due;
         self.expire_due();
+        self.flush_live_bytes();
         if self.bufring.tight() {
             self.reclaim_stalled(now);
         }

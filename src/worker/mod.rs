@@ -10,6 +10,7 @@ mod bufring;
 mod edge;
 mod flows;
 mod lifecycle;
+mod live_bytes;
 mod ops;
 mod rate_limited;
 mod ring;
@@ -136,6 +137,8 @@ struct Slot {
     /// Undelivered bytes of a stalled pipe moved off the buffer ring (flow.rs, "spill"), by
     /// `Side::pipe_index`; boxed so flows without one pay one pointer.
     spill: Option<Box<[Vec<u8>; 2]>>,
+    /// The flow's bytes (up, down) already added to the counters (`live_bytes`).
+    bytes_accounted: (u64, u64),
 }
 
 /// Per-flow PROXY protocol state, boxed so flows without it pay one pointer.
@@ -220,6 +223,8 @@ struct Worker {
     spill_bytes: u64,
     /// Spill memory freed since the allocator was last asked to return free pages.
     spill_freed: u64,
+    /// When open flows' bytes were last added to the counters (`live_bytes`).
+    bytes_flushed_at: Instant,
 }
 
 /// Runs a worker on the current thread until it is told to stop. Ring set-up errors are
@@ -310,6 +315,7 @@ impl Worker {
             spill_bytes: 0,
             spill_freed: 0,
             started_this_turn: 0,
+            bytes_flushed_at: Instant::now(),
         })
     }
 
