@@ -3,6 +3,8 @@
 //! - `GET /metrics`  -> 200, `text/plain; version=0.0.4`, whatever [`AdminView::metrics`] writes.
 //! - `GET /backends` -> 200, `application/json`, whatever [`AdminView::backends_json`] writes
 //!   (use [`backends_json`] with [`BackendRow`]s to produce it).
+//! - `GET /live` -> 200; `GET /ready` -> 200 or 503 by [`AdminView::ready`], with one line
+//!   saying why (see `readiness`).
 //! - any other path -> 404; any method other than GET or HEAD -> 405; a malformed request -> 400;
 //!   a request head over 8 KiB -> 431.
 //!
@@ -31,12 +33,16 @@ use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 
+use super::readiness::{self, Verdict};
+
 /// What the admin endpoint shows; implemented by the control thread.
 pub trait AdminView: Send + Sync {
     /// Appends the Prometheus text exposition (see `crate::metrics::render_prometheus`).
     fn metrics(&self, out: &mut String);
     /// Appends a JSON array of backends (see [`backends_json`]).
     fn backends_json(&self, out: &mut String);
+    /// Whether the routing layer should send this host traffic (`GET /ready`).
+    fn ready(&self) -> Verdict;
 }
 
 /// Connections served at once.
@@ -209,6 +215,14 @@ impl Response {
             head_only: false,
         }
     }
+
+    /// A plain-text response whose body is one line.
+    fn line(status: u16, reason: &'static str, line: &str) -> Response {
+        Response {
+            body: format!("{line}\n"),
+            ..Response::text(status, reason)
+        }
+    }
 }
 
 fn handle(mut stream: TcpStream, view: &dyn AdminView, deadline: Duration) -> io::Result<()> {
@@ -338,6 +352,12 @@ fn route(head: &[u8], view: &dyn AdminView) -> Response {
                 head_only: false,
             }
         }
+        "/live" => Response::line(200, "OK", readiness::LIVE),
+        "/ready" => {
+            let verdict = view.ready();
+            let (status, reason) = verdict.status();
+            Response::line(status, reason, &verdict.why)
+        }
         _ => Response::text(404, "Not Found"),
     };
     response.head_only = method == "HEAD";
@@ -458,6 +478,9 @@ mod tests {
                 out,
             );
         }
+        fn ready(&self) -> Verdict {
+            readiness::verdict(false, 0, 1)
+        }
     }
 
     /// Starts a server on an ephemeral loopback port with the given request deadline. It runs
@@ -520,6 +543,23 @@ mod tests {
         let r = exchange(addr, b"HEAD /metrics HTTP/1.1\r\n\r\n");
         assert_eq!(status(&r), "200", "{r}");
         assert_eq!(body(&r), "");
+    }
+
+    #[test]
+    fn serves_live_and_ready() {
+        let addr = start(REQUEST_DEADLINE);
+        let r = exchange(addr, b"GET /live HTTP/1.1\r\n\r\n");
+        assert_eq!(status(&r), "200", "{r}");
+        assert_eq!(body(&r), format!("{}\n", readiness::LIVE));
+        // The fake view has no backend up: 503, and the line says why.
+        let r = exchange(addr, b"GET /ready HTTP/1.1\r\n\r\n");
+        assert_eq!(status(&r), "503", "{r}");
+        assert_eq!(body(&r), "not ready: no backend is up (0 of 1)\n");
+        let r = exchange(addr, b"HEAD /ready HTTP/1.1\r\n\r\n");
+        assert_eq!(status(&r), "503", "{r}");
+        assert_eq!(body(&r), "");
+        let r = exchange(addr, b"POST /ready HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(status(&r), "405", "{r}");
     }
 
     #[test]

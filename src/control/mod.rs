@@ -14,6 +14,7 @@
 //! | `health` | the up/down state machine and the active-check thread |
 //! | `sources` | where backends come from; the DNS refresh thread |
 //! | `admin`, `view` | the admin HTTP endpoint and what it shows |
+//! | `readiness` | `/live` and `/ready`: whether the routing layer should send this host traffic |
 //!
 //! Workers get commands over crossbeam channels, each followed by a byte on the worker's wake
 //! pipe so its ring notices at once. Workers report to the control thread (`crate::events`) on
@@ -23,6 +24,7 @@ pub mod admin;
 mod backends;
 mod control_loop;
 pub mod health;
+mod readiness;
 mod reload;
 mod signals;
 mod sources;

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::access_log::AccessLogCounters;
 use crate::control::admin::{self, AdminView, BackendRow};
+use crate::control::readiness::{self, Readiness, Verdict};
 use crate::metrics::{self, WorkerStats};
 use crate::snapshot::Snapshot;
 
@@ -16,6 +17,8 @@ pub struct View {
     /// Counters only: the admin threads hold this view until they end, and a sender here
     /// would keep the access-log writer (and so the process) alive after the workers stopped.
     access_log: Option<AccessLogCounters>,
+    /// Set on the first stop signal: `/ready` answers 503 from then on.
+    pub readiness: Readiness,
 }
 
 impl View {
@@ -30,6 +33,7 @@ impl View {
             max_flows,
             snapshot: Mutex::new(snapshot),
             access_log,
+            readiness: Readiness::default(),
         }
     }
 
@@ -100,5 +104,17 @@ impl AdminView for View {
             })
             .collect();
         admin::backends_json(&rows, out);
+    }
+
+    fn ready(&self) -> Verdict {
+        let (up, total) = match self.current() {
+            Some(snapshot) => {
+                let backends = snapshot.backends();
+                let up = backends.iter().filter(|b| b.stats.read().healthy).count();
+                (up, backends.len())
+            }
+            None => (0, 0),
+        };
+        readiness::verdict(self.readiness.is_leaving(), up, total)
     }
 }
