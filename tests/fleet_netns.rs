@@ -8,9 +8,14 @@
 //!   connection of a client reaches the same backend whichever host took it (the mapping is a
 //!   pure function of the flags). SIGTERM on one host with `--drain-delay`: its route is
 //!   withdrawn, new connections go to the other host and the same backends, not one fails, its
-//!   live flows finish; when it returns, its route and its share come back.
+//!   live flows finish; when it returns, its route and its share come back. Then what is not
+//!   planned: a killed Ringway (its live flow ends, the health loop withdraws the route) and a
+//!   dead host (only the router's BGP hold timer removes the route).
 //! - VRRP: killing the active host's Ringway moves the VIP to the backup within seconds; new
-//!   connections then succeed through the backup with the same mapping.
+//!   connections then succeed through the backup with the same mapping. The failed host comes
+//!   back without taking the VIP (nopreempt); a SIGTERM with `--drain-delay` on the holder
+//!   moves the VIP with no connection refused (those live at the move are cut: the address
+//!   moves with every packet for it).
 //!
 //! The measured times (route withdrawal, VIP move) are printed with a `fleet:` prefix
 //! (`cargo test --test fleet_netns -- --nocapture`) and reported in docs/scale-out.md.
@@ -798,6 +803,54 @@ fn ecmp_fleet_spreads_clients_keeps_their_backend_and_drains_a_host_without_a_fa
         host.bird.assert_running();
         host.health.assert_running();
     }
+
+    // 6. Ringway on host b dies (SIGKILL): its live flow ends (the TCP state was in it), and
+    //    the health loop withdraws the route.
+    let (src, mut on_b) = cli.run(|| {
+        (0..400)
+            .map(|n| clients[n % clients.len()])
+            .find_map(|src| match one_connection(src) {
+                Ok((hop, stream)) if hop.host == 1 => Some((src, stream)),
+                _ => None,
+            })
+            .expect("a flow through host b")
+    });
+    let mut b = fleet[1].ringway.take().unwrap();
+    let killed = Instant::now();
+    b.signal(libc::SIGKILL);
+    assert!(b.wait_exit(Duration::from_secs(10)).is_some());
+    let withdrawn = wait_next_hops(
+        &router,
+        &HOST_NEXT_HOP[..1],
+        "host b's Ringway killed",
+        &|| logs(&fleet, &router_bird),
+    );
+    let ended = expect_closed(&mut on_b, Duration::from_secs(10));
+    assert!(
+        ended.is_ok(),
+        "the live flow of {src} on host b outlived its Ringway: {ended:?}"
+    );
+    eprintln!(
+        "fleet: host b's Ringway killed: route withdrawn {:?} later; its live flow ended ({:?})",
+        withdrawn - killed,
+        ended.unwrap().0
+    );
+
+    // 7. Host a dies (every packet in and out dropped, as if powered off): nothing withdraws
+    //    its route but the router's BGP hold timer.
+    hosts[0].exec(&["nft", "add", "table", "inet", "dead"]);
+    let died = Instant::now();
+    for (chain, hook) in [("in", "input"), ("out", "output")] {
+        hosts[0].exec(&[
+            "nft",
+            &format!("add chain inet dead {chain} {{ type filter hook {hook} priority -300; policy drop; }}"),
+        ]);
+    }
+    let removed = wait_next_hops(&router, &[], "host a dead", &|| logs(&fleet, &router_bird));
+    eprintln!(
+        "fleet: host a dead: its route removed {:?} later (BGP hold time 3 s)",
+        removed - died
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -824,7 +877,7 @@ struct VrrpHost {
 }
 
 #[test]
-fn vrrp_pair_moves_the_vip_when_the_active_ringway_dies_and_keeps_the_mapping() {
+fn vrrp_pair_moves_the_vip_when_ringway_dies_or_stops_and_keeps_the_mapping() {
     let dir = TempDir::new("fleet-vrrp");
     let d = dir.path();
     let backends_ns = backend_namespace();
@@ -867,7 +920,7 @@ fn vrrp_pair_moves_the_vip_when_the_active_ringway_dies_and_keeps_the_mapping() 
         .enumerate()
         .map(|(i, ns)| {
             let name = HOST_NAMES[i];
-            let ringway = start_ringway(ns, &[]);
+            let ringway = start_ringway(ns, &["--drain-delay", DRAIN_DELAY]);
             let conf = d.join(format!("keepalived-{name}.conf"));
             let priority = if i == 0 {
                 "priority 150"
@@ -1001,4 +1054,93 @@ fn vrrp_pair_moves_the_vip_when_the_active_ringway_dies_and_keeps_the_mapping() 
     );
     pair[backup].keepalived.assert_running();
     pair[active].keepalived.assert_running();
+
+    // 4. The failed host's Ringway returns: its keepalived is ready again (BACKUP) and, with
+    //    nopreempt, leaves the VIP where it is.
+    let entered_backup = |pair: &[VrrpHost]| {
+        pair[active]
+            .keepalived
+            .log()
+            .matches("Entering BACKUP STATE")
+            .count()
+    };
+    let before = entered_backup(&pair);
+    pair[active].ringway = Some(start_ringway(
+        &hosts[active],
+        &["--drain-delay", DRAIN_DELAY],
+    ));
+    assert!(
+        wait_until(ROUTING_TIMEOUT, || entered_backup(&pair) > before),
+        "host {}'s keepalived did not return to BACKUP\n{}",
+        HOST_NAMES[active],
+        logs(&pair)
+    );
+    assert_eq!(
+        vip_holders(&hosts),
+        [backup],
+        "the returning host took the VIP back"
+    );
+
+    // 5. A planned switch-over: SIGTERM on the holder with --drain-delay. /ready turns 503,
+    //    keepalived moves the VIP, the holder keeps accepting meanwhile: no new connection is
+    //    refused. Connections live at the move do not survive it (the address moves, with
+    //    every packet for it).
+    let holder = backup;
+    let (src, mut on_holder) = lan
+        .run(|| one_connection(clients[0]).map(|(hop, s)| (hop.host, s)))
+        .map(|(host, s)| {
+            assert_eq!(host, holder);
+            (clients[0], s)
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    let load = Load::start(&lan, clients.clone());
+    assert!(
+        wait_until(ROUTING_TIMEOUT, || load.count() >= 50),
+        "the load does not get going"
+    );
+    let sigterm = Instant::now();
+    pair[holder].ringway.as_ref().unwrap().signal(libc::SIGTERM);
+    let moved = wait_until(ROUTING_TIMEOUT, || vip_holders(&hosts) == [active]);
+    assert!(moved, "the VIP did not move back\n{}", logs(&pair));
+    let vip_moved = Instant::now();
+    assert!(
+        wait_until(ROUTING_TIMEOUT, || load.count_since(vip_moved) >= 100),
+        "the load stalled after the planned move"
+    );
+    let results = load.finish();
+    let failed: Vec<&Attempt> = results.iter().filter(|r| r.outcome.is_err()).collect();
+    let refused = failed
+        .iter()
+        .filter(|r| {
+            r.outcome
+                .as_ref()
+                .is_err_and(|e| e.starts_with("connect from"))
+        })
+        .count();
+    let live = lan.run(|| echo_roundtrip(&mut on_holder, b"after the move"));
+    eprintln!(
+        "fleet: planned VRRP move: VIP moved {:?} after SIGTERM (--drain-delay {DRAIN_DELAY}); \
+         {} of {} new connections failed, {refused} of them refused; the old holder's live flow of {src} after the move: \
+         {live:?}",
+        vip_moved - sigterm,
+        failed.len(),
+        results.len()
+    );
+    // None is refused: the holder accepts until the move. Only connections in flight at the
+    // move, like the live flow, are cut.
+    for r in &failed {
+        let e = r.outcome.as_ref().unwrap_err();
+        assert!(
+            !e.starts_with("connect from") && r.at <= vip_moved,
+            "a connection failed otherwise than by being cut at the move: {r:?}"
+        );
+    }
+    for r in results.iter().filter(|r| r.outcome.is_ok()) {
+        assert_eq!(
+            r.outcome.as_ref().unwrap().backend,
+            mapping[&r.src],
+            "client {} changed backend",
+            r.src
+        );
+    }
 }
