@@ -91,9 +91,14 @@ impl Control {
                                 give_up = self.start_drain(name, threads);
                             } else {
                                 phase = Phase::Leaving;
+                                let ready = if self.config.admin.is_some() {
+                                    "/ready now answers 503; "
+                                } else {
+                                    ""
+                                };
                                 info!(
-                                    "{name}: /ready now answers 503; still accepting for {delay:?} \
-                                     (--drain-delay), then draining (send it again to stop now)"
+                                    "{name}: {ready}still accepting for {delay:?} (--drain-delay), \
+                                     then draining (send it again to stop now)"
                                 );
                                 drain_at = crossbeam_channel::at(Instant::now() + delay);
                             }
