@@ -62,6 +62,23 @@ const ROUTING_TIMEOUT: Duration = Duration::from_secs(40);
 /// withdrawn well within it (the measured time is printed).
 const DRAIN_DELAY: &str = "5s";
 
+/// Panics with what to install if a program the test runs is missing (rather than timing out
+/// waiting for a route that a daemon that never started cannot announce).
+fn require(programs: &[&str]) {
+    for program in programs {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {program}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            found,
+            "{program} is not installed: this test needs bird2, keepalived, nftables and curl \
+             (scripts/test.sh installs them)"
+        );
+    }
+}
+
 fn deploy_file(path: &str) -> String {
     let full = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("deploy")
@@ -498,6 +515,7 @@ fn bird_host_config(i: usize, fast_timers: &str) -> String {
 
 #[test]
 fn ecmp_fleet_spreads_clients_keeps_their_backend_and_drains_a_host_without_a_failure() {
+    require(&["bird", "birdc", "nft", "curl"]);
     raise_nofile(8192);
     let dir = TempDir::new("fleet-ecmp");
     // BGP timers for the test: sessions come up in about a second and a dead peer is noticed
@@ -878,6 +896,7 @@ struct VrrpHost {
 
 #[test]
 fn vrrp_pair_moves_the_vip_when_ringway_dies_or_stops_and_keeps_the_mapping() {
+    require(&["keepalived", "curl"]);
     let dir = TempDir::new("fleet-vrrp");
     let d = dir.path();
     let backends_ns = backend_namespace();
