@@ -59,8 +59,12 @@ const HOST_NEXT_HOP: [&str; 2] = ["198.51.100.2", "198.51.100.6"];
 /// Deadline for routing changes (BGP session up, route in, VIP moved) on a loaded machine.
 const ROUTING_TIMEOUT: Duration = Duration::from_secs(40);
 /// What the tests give `--drain-delay`: the health loop checks every 200 ms, so the route is
-/// withdrawn well within it (the measured time is printed).
-const DRAIN_DELAY: &str = "5s";
+/// withdrawn well within it (the measured time is printed). `RINGWAY_FLEET_DRAIN_DELAY=0`
+/// shows what the delay is for: the tests then fail, printing how many connections were
+/// refused.
+fn drain_delay() -> String {
+    std::env::var("RINGWAY_FLEET_DRAIN_DELAY").unwrap_or_else(|_| "5s".to_string())
+}
 
 /// Panics with what to install if a program the test runs is missing (rather than timing out
 /// waiting for a route that a daemon that never started cannot announce).
@@ -611,7 +615,7 @@ fn ecmp_fleet_spreads_clients_keeps_their_backend_and_drains_a_host_without_a_fa
             let conf = d.join(format!("bird-{name}.conf"));
             fs::write(&conf, bird_host_config(i, fast)).unwrap();
             let bird = bird(ns, &format!("bird-{name}"), &conf);
-            let ringway = start_ringway(ns, &["--drain-delay", DRAIN_DELAY]);
+            let ringway = start_ringway(ns, &["--drain-delay", &drain_delay()]);
             let sock = d.join(format!("bird-{name}.ctl"));
             let health = Daemon::start(
                 ns,
@@ -731,9 +735,10 @@ fn ecmp_fleet_spreads_clients_keeps_their_backend_and_drains_a_host_without_a_fa
     let drain_started = Instant::now();
     eprintln!(
         "fleet: route withdrawn {:?} after SIGTERM; listeners closed {:?} after SIGTERM \
-         (--drain-delay {DRAIN_DELAY})",
+         (--drain-delay {})",
         withdrawn - sigterm,
-        drain_started - sigterm
+        drain_started - sigterm,
+        drain_delay()
     );
     assert!(
         wait_until(ROUTING_TIMEOUT, || load.count_since(drain_started) >= 100),
@@ -798,7 +803,7 @@ fn ecmp_fleet_spreads_clients_keeps_their_backend_and_drains_a_host_without_a_fa
 
     // 5. Host a returns: its route and its share of clients come back, with the same mapping.
     let returned = Instant::now();
-    fleet[0].ringway = Some(start_ringway(&hosts[0], &["--drain-delay", DRAIN_DELAY]));
+    fleet[0].ringway = Some(start_ringway(&hosts[0], &["--drain-delay", &drain_delay()]));
     wait_next_hops(&router, &HOST_NEXT_HOP, "host a back", &|| {
         logs(&fleet, &router_bird)
     });
@@ -939,7 +944,7 @@ fn vrrp_pair_moves_the_vip_when_ringway_dies_or_stops_and_keeps_the_mapping() {
         .enumerate()
         .map(|(i, ns)| {
             let name = HOST_NAMES[i];
-            let ringway = start_ringway(ns, &["--drain-delay", DRAIN_DELAY]);
+            let ringway = start_ringway(ns, &["--drain-delay", &drain_delay()]);
             let conf = d.join(format!("keepalived-{name}.conf"));
             let priority = if i == 0 {
                 "priority 150"
@@ -1086,7 +1091,7 @@ fn vrrp_pair_moves_the_vip_when_ringway_dies_or_stops_and_keeps_the_mapping() {
     let before = entered_backup(&pair);
     pair[active].ringway = Some(start_ringway(
         &hosts[active],
-        &["--drain-delay", DRAIN_DELAY],
+        &["--drain-delay", &drain_delay()],
     ));
     assert!(
         wait_until(ROUTING_TIMEOUT, || entered_backup(&pair) > before),
@@ -1138,10 +1143,11 @@ fn vrrp_pair_moves_the_vip_when_ringway_dies_or_stops_and_keeps_the_mapping() {
         .count();
     let live = lan.run(|| echo_roundtrip(&mut on_holder, b"after the move"));
     eprintln!(
-        "fleet: planned VRRP move: VIP moved {:?} after SIGTERM (--drain-delay {DRAIN_DELAY}); \
-         {} of {} new connections failed, {refused} of them refused; the old holder's live flow of {src} after the move: \
-         {live:?}",
+        "fleet: planned VRRP move: VIP moved {:?} after SIGTERM (--drain-delay {}); \
+         {} of {} new connections failed, {refused} of them refused; the old holder's live \
+         flow of {src} after the move: {live:?}",
         vip_moved - sigterm,
+        drain_delay(),
         failed.len(),
         results.len()
     );
