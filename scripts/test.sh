@@ -12,6 +12,10 @@
 #   redis-tools   redis-benchmark and redis-cli against it
 #   curl          a real TCP Fast Open client (tests/tcp_fastopen.rs)
 #   chromium      a real browser renders the admin status page (tests/status.rs)
+#   bird2         the BGP daemon of the ECMP fleet test (tests/fleet_netns.rs, deploy/bgp)
+#   keepalived    the VRRP pair test (tests/fleet_netns.rs, deploy/keepalived)
+#   nftables      flow pinning on the fleet test's router (deploy/bgp/router-setup.sh)
+#                 (curl also makes the /ready checks of deploy/bgp and deploy/keepalived)
 # and root (network namespaces, setns). Nothing here talks to anything but loopback or
 # namespaces the tests create themselves.
 set -euo pipefail
@@ -25,12 +29,17 @@ need=()
 for pkg in iproute2 procps dnsmasq-base nginx iperf3 redis-server redis-tools curl chromium; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
+# The fleet tests (tests/fleet_netns.rs): routing daemons and what deploy/ scripts call.
+for pkg in bird2 keepalived nftables; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
 if ((${#need[@]})); then
     echo "installing test dependencies: ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
     as_root apt-get update -qq
     # Keep package scripts from starting services (nginx would take port 80, redis-server 6379,
-    # iperf3 5201): the tests start their own private instances.
+    # iperf3 5201, bird and keepalived would start on the host's own network): the tests start
+    # their own private instances.
     added_policy=0
     if [ ! -e /usr/sbin/policy-rc.d ]; then
         as_root sh -c 'printf "#!/bin/sh\nexit 101\n" > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d'

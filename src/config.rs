@@ -144,6 +144,10 @@ pub struct Flags {
     #[argh(option)]
     pub shutdown_timeout: Option<String>,
 
+    /// on SIGTERM/SIGINT, GET /ready turns 503 at once but the listeners keep accepting for this long (so the route can be withdrawn first), then the drain starts (default 0)
+    #[argh(option)]
+    pub drain_delay: Option<String>,
+
     /// serve GET /metrics (Prometheus) and GET /backends (JSON) on this address, e.g. 127.0.0.1:9000 (off by default)
     #[argh(option)]
     pub admin: Option<String>,
@@ -292,6 +296,8 @@ pub struct Config {
     /// `None`: flows on removed backends run until they end.
     pub drain_timeout: Option<Duration>,
     pub shutdown_timeout: Duration,
+    /// Time between the first stop signal (`/ready` turns 503) and closing the listeners.
+    pub drain_delay: Duration,
     pub edge: EdgeConfig,
 }
 
@@ -695,6 +701,8 @@ impl Config {
             None => Duration::from_secs(10),
             Some(text) => parse_duration(text).map_err(|m| flag_error("--shutdown-timeout", m))?,
         };
+        let drain_delay =
+            optional_duration("--drain-delay", &flags.drain_delay)?.unwrap_or(Duration::ZERO);
         let edge = edge_from_flags(flags)?;
         let access_log = match flags.access_log.as_deref() {
             Some("") => return Err(flag_error("--access-log", "needs a path or - for stdout")),
@@ -729,6 +737,7 @@ impl Config {
             dns_server,
             drain_timeout,
             shutdown_timeout,
+            drain_delay,
             edge,
         })
     }

@@ -4,6 +4,8 @@
 //! - `GET /backends` -> 200, `application/json`, whatever [`AdminView::backends_json`] writes
 //!   (use [`backends_json`] with [`BackendRow`]s to produce it).
 //! - `GET /` -> 200, `text/html`, whatever [`AdminView::status_page`] writes.
+//! - `GET /live` -> 200; `GET /ready` -> 200 or 503 by [`AdminView::ready`], with one line
+//!   saying why (see `readiness`).
 //! - any other path -> 404; any method other than GET or HEAD -> 405; a malformed request -> 400;
 //!   a request head over 8 KiB -> 431.
 //!
@@ -32,6 +34,8 @@ use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 
+use super::readiness::{self, Verdict};
+
 /// What the admin endpoint shows; implemented by the control thread.
 pub trait AdminView: Send + Sync {
     /// Appends the Prometheus text exposition (see `crate::metrics::render_prometheus`).
@@ -40,6 +44,8 @@ pub trait AdminView: Send + Sync {
     fn backends_json(&self, out: &mut String);
     /// Appends the HTML status page (see `super::status_page`).
     fn status_page(&self, out: &mut String);
+    /// Whether the routing layer should send this host traffic (`GET /ready`).
+    fn ready(&self) -> Verdict;
 }
 
 /// Connections served at once.
@@ -212,6 +218,14 @@ impl Response {
             head_only: false,
         }
     }
+
+    /// A plain-text response whose body is one line.
+    fn line(status: u16, reason: &'static str, line: &str) -> Response {
+        Response {
+            body: format!("{line}\n"),
+            ..Response::text(status, reason)
+        }
+    }
 }
 
 fn handle(mut stream: TcpStream, view: &dyn AdminView, deadline: Duration) -> io::Result<()> {
@@ -352,6 +366,12 @@ fn route(head: &[u8], view: &dyn AdminView) -> Response {
                 head_only: false,
             }
         }
+        "/live" => Response::line(200, "OK", readiness::LIVE),
+        "/ready" => {
+            let verdict = view.ready();
+            let (status, reason) = verdict.status();
+            Response::line(status, reason, &verdict.why)
+        }
         _ => Response::text(404, "Not Found"),
     };
     response.head_only = method == "HEAD";
@@ -475,6 +495,10 @@ mod tests {
         fn status_page(&self, out: &mut String) {
             out.push_str("<!DOCTYPE html><title>status</title>");
         }
+
+        fn ready(&self) -> Verdict {
+            readiness::verdict(false, 0, 1)
+        }
     }
 
     /// Starts a server on an ephemeral loopback port with the given request deadline. It runs
@@ -559,6 +583,23 @@ mod tests {
         let r = exchange(addr, b"DELETE / HTTP/1.1\r\n\r\n");
         assert_eq!(status(&r), "405", "{r}");
         assert!(r.contains("Allow: GET, HEAD\r\n"), "{r}");
+    }
+
+    #[test]
+    fn serves_live_and_ready() {
+        let addr = start(REQUEST_DEADLINE);
+        let r = exchange(addr, b"GET /live HTTP/1.1\r\n\r\n");
+        assert_eq!(status(&r), "200", "{r}");
+        assert_eq!(body(&r), format!("{}\n", readiness::LIVE));
+        // The fake view has no backend up: 503, and the line says why.
+        let r = exchange(addr, b"GET /ready HTTP/1.1\r\n\r\n");
+        assert_eq!(status(&r), "503", "{r}");
+        assert_eq!(body(&r), "not ready: no backend is up (0 of 1)\n");
+        let r = exchange(addr, b"HEAD /ready HTTP/1.1\r\n\r\n");
+        assert_eq!(status(&r), "503", "{r}");
+        assert_eq!(body(&r), "");
+        let r = exchange(addr, b"POST /ready HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(status(&r), "405", "{r}");
     }
 
     #[test]

@@ -2,9 +2,13 @@
 //! signals, worker events, health-check results, DNS answers and a one-second tick, and turns
 //! each into a change of the backend set (`reload`, `transitions`) or of the workers' phase:
 //!
-//! - serving -> first SIGTERM/SIGINT -> draining: workers close their listeners and let flows
+//! - serving -> first SIGTERM/SIGINT -> leaving: `/ready` answers 503 (so the routing layer
+//!   withdraws this host) while the listeners keep accepting for `--drain-delay`; with no delay
+//!   this phase is skipped;
+//! - leaving -> the delay is over -> draining: workers close their listeners and let flows
 //!   finish until `--shutdown-timeout`;
-//! - draining -> second signal (or a worker dying) -> stopping: workers close every flow now;
+//! - leaving or draining -> second signal (or a worker dying) -> stopping: workers close every
+//!   flow now;
 //! - stopping -> third signal, or workers still there [`STOP_GRACE`] after they were due to
 //!   end -> the loop gives up on them and returns.
 //!
@@ -50,6 +54,8 @@ pub struct Control {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Serving,
+    /// `/ready` says 503; the listeners still accept until `--drain-delay` is over.
+    Leaving,
     Draining,
     Stopping,
 }
@@ -62,6 +68,8 @@ impl Control {
         let mut phase = Phase::Serving;
         // When to stop waiting for the workers; `never()` while serving.
         let mut give_up = crossbeam_channel::never::<Instant>();
+        // When the `--drain-delay` is over; `never()` outside the leaving phase.
+        let mut drain_at = crossbeam_channel::never::<Instant>();
         let mut running = threads.workers.len();
         let mut exit_error = None;
         while running > 0 {
@@ -76,17 +84,27 @@ impl Control {
                     let name = signals::name(signal);
                     match phase {
                         Phase::Serving => {
-                            phase = Phase::Draining;
-                            let deadline = Instant::now() + self.config.shutdown_timeout;
-                            info!(
-                                "{name}: listeners closed, letting live flows finish for up to {:?} \
-                                 (send it again to close them now)",
-                                self.config.shutdown_timeout
-                            );
-                            threads.workers.broadcast(|| Command::Drain { deadline });
-                            give_up = crossbeam_channel::at(deadline + STOP_GRACE);
+                            self.view.readiness.leave();
+                            let delay = self.config.drain_delay;
+                            if delay.is_zero() {
+                                phase = Phase::Draining;
+                                give_up = self.start_drain(name, threads);
+                            } else {
+                                phase = Phase::Leaving;
+                                let ready = if self.config.admin.is_some() {
+                                    "/ready now answers 503; "
+                                } else {
+                                    ""
+                                };
+                                info!(
+                                    "{name}: {ready}still accepting for {delay:?} (--drain-delay), \
+                                     then draining (send it again to stop now)"
+                                );
+                                drain_at = crossbeam_channel::at(Instant::now() + delay);
+                            }
                         }
-                        Phase::Draining => {
+                        Phase::Leaving | Phase::Draining => {
+                            drain_at = crossbeam_channel::never();
                             phase = Phase::Stopping;
                             info!("{name} again: closing every flow now");
                             threads.workers.broadcast(|| Command::Stop);
@@ -102,12 +120,13 @@ impl Control {
                 recv(self.events) -> event => match event {
                     Ok(Event::WorkerExited { id, panicked }) => {
                         running -= 1;
-                        if panicked || phase == Phase::Serving {
+                        if panicked || matches!(phase, Phase::Serving | Phase::Leaving) {
                             let message = format!("worker {id} stopped unexpectedly");
                             error!("{message}; stopping the process");
                             exit_error.get_or_insert(message);
                             if phase != Phase::Stopping {
                                 phase = Phase::Stopping;
+                                drain_at = crossbeam_channel::never();
                                 threads.workers.broadcast(|| Command::Stop);
                                 give_up = crossbeam_channel::at(Instant::now() + STOP_GRACE);
                             }
@@ -133,6 +152,11 @@ impl Control {
                     self.retry_passive_downs(threads);
                     self.reload_if_file_changed(threads);
                 },
+                recv(drain_at) -> _ => {
+                    drain_at = crossbeam_channel::never();
+                    phase = Phase::Draining;
+                    give_up = self.start_drain("--drain-delay over", threads);
+                },
                 recv(give_up) -> _ => {
                     warn!(
                         "{running} worker(s) still running {STOP_GRACE:?} after they were due \
@@ -147,6 +171,19 @@ impl Control {
             Some(message) => Err(StartError(message)),
             None => Ok(()),
         }
+    }
+
+    /// Closes the listeners and lets live flows finish until `--shutdown-timeout`; returns when
+    /// to give up on the workers.
+    fn start_drain(&self, why: &str, threads: &mut Threads) -> Receiver<Instant> {
+        let deadline = Instant::now() + self.config.shutdown_timeout;
+        info!(
+            "{why}: listeners closed, letting live flows finish for up to {:?} \
+             (send it again to close them now)",
+            self.config.shutdown_timeout
+        );
+        threads.workers.broadcast(|| Command::Drain { deadline });
+        crossbeam_channel::at(deadline + STOP_GRACE)
     }
 
     /// Sends every worker the current snapshot, waits until each uses it, then shows it on the

@@ -15,6 +15,7 @@
 //! | `sources` | where backends come from; the DNS refresh thread |
 //! | `admin`, `view` | the admin HTTP endpoint and what it shows |
 //! | `status`, `status_page` | `GET /`: what the status page gathers (limits, recent transitions, shares) and its HTML |
+//! | `readiness` | `/live` and `/ready`: whether the routing layer should send this host traffic |
 //!
 //! Workers get commands over crossbeam channels, each followed by a byte on the worker's wake
 //! pipe so its ring notices at once. Workers report to the control thread (`crate::events`) on
@@ -24,6 +25,7 @@ pub mod admin;
 mod backends;
 mod control_loop;
 pub mod health;
+mod readiness;
 mod reload;
 mod signals;
 mod sources;

@@ -161,7 +161,7 @@ fn start_threads(
             .map_err(|e| StartError(format!("--admin: cannot start: {e}")))?;
         threads.admin = Some(server);
         if let Some(addr) = addr {
-            info!("admin endpoint on http://{addr}/metrics and /backends");
+            info!("admin endpoint on http://{addr}/metrics, /backends, /live, /ready and the status page at /");
         }
     }
 

@@ -8,6 +8,7 @@ use std::time::{Instant, SystemTime};
 
 use crate::access_log::AccessLogCounters;
 use crate::control::admin::{self, AdminView, BackendRow};
+use crate::control::readiness::{self, Readiness, Verdict};
 use crate::control::status::{ProcessInfo, ShareCache, TransitionLog};
 use crate::control::status_page::{self, BackendLine, ProcessCounts, State, StatusPage};
 use crate::metrics::{self, CloseKind, WorkerCounts, WorkerStats};
@@ -25,6 +26,8 @@ pub struct View {
     /// Recent health transitions, recorded by the control thread.
     pub transitions: TransitionLog,
     shares: ShareCache,
+    /// Set on the first stop signal: `/ready` answers 503 from then on.
+    pub readiness: Readiness,
 }
 
 impl View {
@@ -48,6 +51,7 @@ impl View {
             process,
             transitions: TransitionLog::default(),
             shares: ShareCache::default(),
+            readiness: Readiness::default(),
         }
     }
 
@@ -199,5 +203,17 @@ impl AdminView for View {
             transitions_dropped,
         };
         status_page::render(&page, out);
+    }
+
+    fn ready(&self) -> Verdict {
+        let (up, total) = match self.current() {
+            Some(snapshot) => {
+                let backends = snapshot.backends();
+                let up = backends.iter().filter(|b| b.stats.read().healthy).count();
+                (up, backends.len())
+            }
+            None => (0, 0),
+        };
+        readiness::verdict(self.readiness.is_leaving(), up, total)
     }
 }
