@@ -14,6 +14,8 @@
 //! | `health` | the up/down state machine and the active-check thread |
 //! | `sources` | where backends come from; the DNS refresh thread |
 //! | `admin`, `view` | the admin HTTP endpoint and what it shows |
+//! | `notify` | systemd's sd_notify protocol: READY, RELOADING, STOPPING, STATUS, WATCHDOG |
+//! | `liveness` | per-worker heartbeats: is every worker's event loop still turning |
 //!
 //! Workers get commands over crossbeam channels, each followed by a byte on the worker's wake
 //! pipe so its ring notices at once. Workers report to the control thread (`crate::events`) on
@@ -23,6 +25,8 @@ pub mod admin;
 mod backends;
 mod control_loop;
 pub mod health;
+mod liveness;
+pub mod notify;
 mod reload;
 mod signals;
 mod sources;

@@ -21,7 +21,7 @@ use std::collections::VecDeque;
 use std::io::{self};
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -78,6 +78,8 @@ pub struct WorkerSetup {
     pub access_log: Option<AccessLog>,
     /// The listening address, for access-log lines.
     pub listen_addr: SocketAddr,
+    /// Bumped once per tick: the control thread's sign that this worker's loop turns.
+    pub heartbeat: Arc<AtomicU64>,
 }
 
 #[derive(Clone)]
@@ -220,6 +222,8 @@ struct Worker {
     spill_bytes: u64,
     /// Spill memory freed since the allocator was last asked to return free pages.
     spill_freed: u64,
+    /// See `WorkerSetup::heartbeat`.
+    heartbeat: Arc<AtomicU64>,
 }
 
 /// Runs a worker on the current thread until it is told to stop. Ring set-up errors are
@@ -310,6 +314,7 @@ impl Worker {
             spill_bytes: 0,
             spill_freed: 0,
             started_this_turn: 0,
+            heartbeat: setup.heartbeat,
         })
     }
 
