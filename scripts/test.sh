@@ -10,6 +10,11 @@
 #   iperf3        real bulk transfers through the proxy (tests/real_peers.rs)
 #   redis-server  a real request/response server (tests/real_peers.rs)
 #   redis-tools   redis-benchmark and redis-cli against it
+#   logrotate     the shipped deploy/logrotate/ringway run for real (tests/access_log_rotation.rs)
+#   systemd       systemd-analyze verify on the packaged unit, systemd-sysusers in its postinst
+#                 (tests/package.rs; installing it in a container starts nothing)
+#   dpkg-dev      dpkg-shlibdeps, which cargo-deb uses for the package's Depends (tests/package.rs)
+#   binutils      objcopy/strip, which cargo-deb uses to split the debug symbols (tests/package.rs)
 # and root (network namespaces, setns). Nothing here talks to anything but loopback or
 # namespaces the tests create themselves.
 set -euo pipefail
@@ -20,7 +25,8 @@ as_root() {
 }
 
 need=()
-for pkg in iproute2 procps dnsmasq-base nginx iperf3 redis-server redis-tools; do
+for pkg in iproute2 procps dnsmasq-base nginx iperf3 redis-server redis-tools \
+    logrotate systemd dpkg-dev binutils; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if ((${#need[@]})); then

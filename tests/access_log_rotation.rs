@@ -139,3 +139,93 @@ fn rotation_by_rename_and_sigusr1_loses_and_repeats_no_line_under_load() {
         new.len()
     );
 }
+
+/// Opens `n` short flows one after another, each checked end to end.
+fn flows(proxy: &Proxy, n: usize) {
+    for i in 0..n {
+        let mut stream = connect(proxy.addr).unwrap_or_else(|e| panic!("flow {i}: {e}"));
+        echo_roundtrip(&mut stream, b"rotate me\n")
+            .unwrap_or_else(|e| panic!("flow {i}: {e}\n{}", proxy.stderr_tail()));
+    }
+}
+
+/// The real logrotate with the shipped deploy/logrotate/ringway, pointed at a temporary
+/// directory and at this proxy's pid instead of `systemctl kill` (no systemd here): the file is
+/// renamed, Ringway reopens the path, and each file holds exactly the lines of its flows.
+#[test]
+fn logrotate_with_the_shipped_config_rotates_the_access_log() {
+    let dir = TempDir::new("logrotate");
+    let log = dir.path().join("access.log");
+    let echo = Backend::echo();
+    let mut proxy = Proxy::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--backend",
+        &echo.arg(),
+        "--access-log",
+        log.to_str().unwrap(),
+    ]);
+    wait_signal_handlers(&proxy);
+
+    let shipped = fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/logrotate/ringway"
+    ))
+    .expect("read deploy/logrotate/ringway");
+    let mut config = String::new();
+    let mut signal_lines = 0;
+    for line in shipped.lines() {
+        let line = line.replace(
+            "/var/log/ringway/*.log",
+            &format!("{}/*.log", dir.path().display()),
+        );
+        if line.trim_start().starts_with("systemctl kill") {
+            signal_lines += 1;
+            if signal_lines == 1 {
+                config.push_str(&format!("        kill -USR1 {}\n", proxy.pid()));
+            }
+            continue;
+        }
+        config.push_str(&line);
+        config.push('\n');
+    }
+    assert!(
+        signal_lines > 0 && config.contains(&dir.path().display().to_string()),
+        "deploy/logrotate/ringway no longer has the path and the systemctl kill line this test \
+         rewrites:\n{shipped}"
+    );
+    let config_path = dir.path().join("logrotate.conf");
+    fs::write(&config_path, &config).unwrap();
+
+    flows(&proxy, 40);
+    assert!(
+        wait_until(WAIT, || lines(&log).len() == 40),
+        "40 flows, {} lines\n{}",
+        lines(&log).len(),
+        proxy.stderr_tail()
+    );
+    let out = std::process::Command::new("logrotate")
+        .arg("--force")
+        .arg("--state")
+        .arg(dir.path().join("logrotate.state"))
+        .arg(&config_path)
+        .output()
+        .expect("run logrotate (scripts/test.sh installs it)");
+    assert!(
+        out.status.success(),
+        "logrotate failed: {}\n{}\nconfig:\n{config}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        wait_until(WAIT, || proxy.stderr().contains("access log: reopened")),
+        "logrotate's postrotate did not make ringway reopen the log\n{}",
+        proxy.stderr_tail()
+    );
+    flows(&proxy, 25);
+    proxy.signal(libc::SIGTERM);
+    assert_eq!(proxy.wait_exit(WAIT).and_then(|s| s.code()), Some(0));
+    // delaycompress: the rotated file stays plain until the next rotation.
+    assert_eq!(lines(&dir.path().join("access.log.1")).len(), 40);
+    assert_eq!(lines(&log).len(), 25);
+}
