@@ -109,9 +109,15 @@ pub fn main_pid(pid: u32) -> io::Result<bool> {
     let Some(name) = std::env::var_os("NOTIFY_SOCKET") else {
         return Ok(false);
     };
-    let (socket, addr) = connect(&name.to_string_lossy())?;
-    socket.send_to_addr(format!("MAINPID={pid}").as_bytes(), &addr)?;
+    main_pid_to(&name.to_string_lossy(), pid)?;
     Ok(true)
+}
+
+/// `MAINPID=pid` to the socket `name` (as written in `$NOTIFY_SOCKET`).
+fn main_pid_to(name: &str, pid: u32) -> io::Result<()> {
+    let (socket, addr) = connect(name)?;
+    socket.send_to_addr(format!("MAINPID={pid}").as_bytes(), &addr)?;
+    Ok(())
 }
 
 /// An unbound, non-blocking datagram socket and the address of `name`: a path, or an abstract
@@ -198,6 +204,23 @@ mod tests {
             Some(std::path::Path::new("/run/systemd/notify"))
         );
         assert!(notify_addr("relative/path").is_err());
+    }
+
+    #[test]
+    fn main_pid_names_the_new_main_process() {
+        let dir = std::env::temp_dir().join(format!("ringway-mainpid-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("notify.sock");
+        let listener = UnixDatagram::bind(&path).unwrap();
+        listener
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        main_pid_to(path.to_str().unwrap(), 4321).unwrap();
+        let mut buf = [0u8; 64];
+        let n = listener.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"MAINPID=4321");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
