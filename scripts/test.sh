@@ -16,6 +16,11 @@
 #   keepalived    the VRRP pair test (tests/fleet_netns.rs, deploy/keepalived)
 #   nftables      flow pinning on the fleet test's router (deploy/bgp/router-setup.sh)
 #                 (curl also makes the /ready checks of deploy/bgp and deploy/keepalived)
+#   logrotate     the shipped deploy/logrotate/ringway run for real (tests/access_log_rotation.rs)
+#   systemd       systemd-analyze verify on the packaged unit, systemd-sysusers in its postinst
+#                 (tests/package.rs; installing it in a container starts nothing)
+#   dpkg-dev      dpkg-shlibdeps, which cargo-deb uses for the package's Depends (tests/package.rs)
+#   binutils      objcopy/strip, which cargo-deb uses to split the debug symbols (tests/package.rs)
 # and root (network namespaces, setns). Nothing here talks to anything but loopback or
 # namespaces the tests create themselves.
 set -euo pipefail
@@ -26,7 +31,8 @@ as_root() {
 }
 
 need=()
-for pkg in iproute2 procps dnsmasq-base nginx iperf3 redis-server redis-tools curl chromium; do
+for pkg in iproute2 procps dnsmasq-base nginx iperf3 redis-server redis-tools curl chromium \
+    logrotate systemd dpkg-dev binutils; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 # The fleet tests (tests/fleet_netns.rs): routing daemons and what deploy/ scripts call.

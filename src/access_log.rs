@@ -1,12 +1,15 @@
 //! `--access-log PATH|-`: one JSON line per flow, written off the data path.
 //!
 //! Use: `let (log, writer) = access_log::open(target, 16_384)?;` at start-up ("-" is stdout;
-//! a path is opened for appending, created if missing). Give each worker a clone of `log`; when a
+//! a path is opened for appending, created if missing). `writer` is a [`WriterThread`]:
+//! [`WriterThread::reopen`] (on SIGUSR1) makes the writer finish what it has for the current
+//! file, then open the path again, so a log rotated by renaming loses no line and needs no
+//! copytruncate. Give each worker a clone of `log`; when a
 //! flow is released the worker fills a [`FlowRecord`] and calls [`AccessLog::log`], which never
 //! blocks: records go over a bounded channel and are counted in [`AccessLog::dropped`] when it is
 //! full. The writer thread formats, buffers and writes them; it flushes at most 100 ms after a
-//! record arrives and when the last `AccessLog` clone is dropped, then exits (join `writer`
-//! after the workers have stopped to be sure everything is on disk).
+//! record arrives and when the last `AccessLog` clone is dropped, then exits (join
+//! `writer.into_thread()` after the workers have stopped to be sure everything is on disk).
 //!
 //! An `AccessLog` is a sender: while any clone lives, the writer runs. Whoever only reads the
 //! counters (the admin endpoint, which lives until the process exits) takes
@@ -32,16 +35,17 @@
 //! logged at most once per 10 s.
 
 use std::fmt::Write as _;
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
-use log::warn;
+use crossbeam_channel::{Receiver, Select, Sender, TrySendError};
+use log::{info, warn};
 
 use crate::json;
 use crate::metrics::CloseKind;
@@ -110,18 +114,48 @@ const WARN_INTERVAL: Duration = Duration::from_secs(10);
 /// Opens `target` ("-" for stdout, else a file opened for appending) and starts the writer
 /// thread. `capacity` is how many records may wait in the channel (each takes about 150 bytes,
 /// allocated up front); at least 1.
-pub fn open(target: &str, capacity: usize) -> io::Result<(AccessLog, JoinHandle<()>)> {
-    let out: Box<dyn Write + Send> = if target == "-" {
-        Box::new(io::stdout())
+pub fn open(target: &str, capacity: usize) -> io::Result<(AccessLog, WriterThread)> {
+    let (out, path): (Box<dyn Write + Send>, _) = if target == "-" {
+        (Box::new(io::stdout()), None)
     } else {
-        Box::new(OpenOptions::new().create(true).append(true).open(target)?)
+        (Box::new(open_append(target)?), Some(PathBuf::from(target)))
     };
     let (log, records) = AccessLog::channel(capacity);
     let counters = Arc::clone(&log.counters);
-    let writer = std::thread::Builder::new()
+    // One request waiting is enough: a second one before it is handled changes nothing.
+    let (reopen, reopen_requests) = crossbeam_channel::bounded(1);
+    let thread = std::thread::Builder::new()
         .name("ringway-log".to_string())
-        .spawn(move || Writer::new(out, counters).run(records))?;
-    Ok((log, writer))
+        .spawn(move || {
+            let mut writer = Writer::new(out, counters);
+            writer.path = path;
+            writer.run(records, reopen_requests)
+        })?;
+    Ok((log, WriterThread { thread, reopen }))
+}
+
+fn open_append(path: impl AsRef<std::path::Path>) -> io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+/// The writer thread and the way to ask it to reopen its file. Dropping it does not stop the
+/// writer (the last `AccessLog` sender going away does).
+pub struct WriterThread {
+    thread: JoinHandle<()>,
+    reopen: Sender<()>,
+}
+
+impl WriterThread {
+    /// Asks the writer to write out what it holds to the current file, then open the path
+    /// again (creating it if it was renamed away). Never blocks; does nothing for stdout.
+    pub fn reopen(&self) {
+        let _ = self.reopen.try_send(());
+    }
+
+    /// The thread, to join once every `AccessLog` sender is gone.
+    pub fn into_thread(self) -> JoinHandle<()> {
+        self.thread
+    }
 }
 
 impl AccessLog {
@@ -165,6 +199,10 @@ impl AccessLog {
 /// The writer thread's state.
 struct Writer {
     out: Box<dyn Write + Send>,
+    /// The file `out` was opened from, to reopen; `None` for stdout.
+    path: Option<PathBuf>,
+    /// A reopen waits for the old file to take its unwritten bytes (see `reopen`).
+    reopen_wanted: bool,
     counters: Arc<Counters>,
     /// Formatted lines not yet written; always whole lines at the end, possibly the tail of a
     /// line at the start (after a partial write).
@@ -178,6 +216,8 @@ impl Writer {
     fn new(out: Box<dyn Write + Send>, counters: Arc<Counters>) -> Writer {
         Writer {
             out,
+            path: None,
+            reopen_wanted: false,
             counters,
             pending: Vec::with_capacity(WRITE_BATCH),
             line: String::with_capacity(512),
@@ -186,35 +226,75 @@ impl Writer {
         }
     }
 
-    fn run(mut self, records: Receiver<FlowRecord>) {
+    fn run(mut self, records: Receiver<FlowRecord>, reopen: Receiver<()>) {
+        let mut select = Select::new();
+        let record_op = select.recv(&records);
+        let reopen_op = select.recv(&reopen);
         // Set while `pending` holds data: when to write it at the latest.
         let mut flush_at: Option<Instant> = None;
         loop {
-            let received = match flush_at {
-                None => records.recv().map_err(|_| RecvTimeoutError::Disconnected),
-                Some(at) => records.recv_timeout(at.saturating_duration_since(Instant::now())),
+            let ready = match flush_at {
+                None => Some(select.select()),
+                Some(at) => select.select_deadline(at).ok(),
             };
-            match received {
-                Ok(record) => {
-                    self.push(&record);
-                    // The deadline is checked here too: under steady load `recv_timeout` keeps
-                    // returning records and might never time out.
-                    let due = flush_at.is_some_and(|at| Instant::now() >= at);
-                    if due || self.pending.len() >= WRITE_BATCH {
-                        self.flush();
+            match ready {
+                Some(op) if op.index() == record_op => match op.recv(&records) {
+                    Ok(record) => {
+                        self.push(&record);
+                        // The deadline is checked here too: under steady load records keep
+                        // arriving and the select might never time out.
+                        let due = flush_at.is_some_and(|at| Instant::now() >= at);
+                        if due || self.pending.len() >= WRITE_BATCH {
+                            self.flush();
+                        }
                     }
-                }
-                Err(RecvTimeoutError::Timeout) => self.flush(),
-                Err(RecvTimeoutError::Disconnected) => {
-                    self.flush();
-                    return;
-                }
+                    Err(_) => {
+                        self.flush();
+                        return;
+                    }
+                },
+                Some(op) => match op.recv(&reopen) {
+                    Ok(()) => self.reopen(),
+                    // Nobody can ask any more: a disconnected channel is always ready.
+                    Err(_) => select.remove(reopen_op),
+                },
+                None => self.flush(),
             }
             flush_at = match (self.pending.is_empty(), flush_at) {
                 (true, _) => None,
                 (false, Some(at)) if at > Instant::now() => Some(at),
                 (false, _) => Some(Instant::now() + FLUSH_INTERVAL),
             };
+        }
+    }
+
+    /// Writes what is pending to the current file (a rotated one keeps every line it was due),
+    /// then opens the path again. If it cannot be opened, writing goes on to the old file.
+    fn reopen(&mut self) {
+        let Some(path) = self.path.clone() else {
+            info!("SIGUSR1: the access log goes to stdout; nothing to reopen");
+            return;
+        };
+        self.reopen_wanted = false;
+        self.flush();
+        if !self.pending.is_empty() {
+            // The write failed, maybe halfway through a line: the rest of that line belongs in
+            // the old file. Reopen after the next write that empties the backlog.
+            self.reopen_wanted = true;
+            return;
+        }
+        match open_append(&path) {
+            Ok(file) => {
+                self.out = Box::new(file);
+                info!("access log: reopened {}", path.display());
+            }
+            Err(e) => {
+                self.counters.write_errors.fetch_add(1, Ordering::Relaxed);
+                warn!(
+                    "access log: cannot reopen {}: {e}; still writing to the file opened before",
+                    path.display()
+                );
+            }
         }
     }
 
@@ -269,6 +349,9 @@ impl Writer {
             } else {
                 self.suppressed += 1;
             }
+        }
+        if self.reopen_wanted && self.pending.is_empty() {
+            self.reopen();
         }
     }
 }
@@ -545,7 +628,7 @@ mod tests {
         let counters = log.counters();
         drop(log);
         drop(worker);
-        writer.join().unwrap();
+        writer.into_thread().join().unwrap();
         assert_eq!(counters.dropped(), 0);
         let text = std::fs::read_to_string(&path).unwrap();
         let _ = std::fs::remove_file(&path);
@@ -560,6 +643,76 @@ mod tests {
             .collect();
         seen.sort();
         assert_eq!(seen, (0..100).collect::<Vec<u64>>());
+    }
+
+    #[test]
+    fn reopen_finishes_the_old_file_then_writes_to_the_path_again() {
+        let dir = std::env::temp_dir().join(format!("ringway-reopen-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("access.log");
+        let rotated = dir.join("access.log.1");
+        let mut writer = Writer::new(
+            Box::new(open_append(&path).unwrap()),
+            Arc::new(Counters::default()),
+        );
+        writer.path = Some(path.clone());
+        writer.push(&record());
+        std::fs::rename(&path, &rotated).unwrap();
+        // Queued before the reopen: belongs to the old (renamed) file.
+        writer.push(&record());
+        writer.reopen();
+        writer.push(&record());
+        writer.flush();
+        let count = |p: &std::path::Path| std::fs::read_to_string(p).unwrap().lines().count();
+        assert_eq!(count(&rotated), 2);
+        assert_eq!(count(&path), 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn reopen_waits_until_the_old_output_took_its_bytes() {
+        let dir = std::env::temp_dir().join(format!("ringway-reopen-wait-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("access.log");
+        let old = Arc::new(std::sync::Mutex::new(Flaky {
+            fail: true,
+            taken: Vec::new(),
+        }));
+        struct Shared(Arc<std::sync::Mutex<Flaky>>);
+        impl Write for Shared {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                self.0.lock().unwrap().write(buf)
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut writer = Writer::new(
+            Box::new(Shared(Arc::clone(&old))),
+            Arc::new(Counters::default()),
+        );
+        writer.path = Some(path.clone());
+        writer.push(&record());
+        // The old output fails: the reopen is put off, nothing goes to the new file yet.
+        writer.reopen();
+        assert!(!path.exists());
+        old.lock().unwrap().fail = false;
+        writer.flush();
+        // The old output took its whole line, then the path was opened.
+        assert_eq!(
+            String::from_utf8(old.lock().unwrap().taken.clone())
+                .unwrap()
+                .lines()
+                .count(),
+            1
+        );
+        writer.push(&record());
+        writer.flush();
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 1);
+        assert!(old.lock().unwrap().taken.ends_with(b"\n"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// An output that fails every write until `fail` is cleared, then takes 5 bytes at a time.

@@ -23,7 +23,12 @@ fn main() -> ExitCode {
         }
     };
     if flags.version {
-        println!("ringway {}", env!("CARGO_PKG_VERSION"));
+        // The commit comes from build.rs: `unknown` when built outside a git checkout.
+        println!(
+            "ringway {} (commit {})",
+            env!("CARGO_PKG_VERSION"),
+            env!("RINGWAY_GIT_COMMIT")
+        );
         return ExitCode::SUCCESS;
     }
     let config = match Config::from_flags(&flags) {

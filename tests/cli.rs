@@ -220,6 +220,34 @@ fn version_exits_0_and_prints_the_version() {
     );
 }
 
+/// `--version` names the commit the binary was built from, so an operator can tell which build
+/// runs on a host: the same 12-digit hash `git rev-parse --short=12 HEAD` gives in this checkout
+/// (or `unknown` when the tests run outside a git checkout, as the binary then says too).
+#[test]
+fn version_names_the_git_commit_it_was_built_from() {
+    let out = run_to_exit(&["--version"], EXIT_TIMEOUT);
+    assert_eq!(out.status.code(), Some(0), "--version: {}", out.stderr);
+    let line = out.stdout.trim();
+    let head = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    let commit = std::env::var("RINGWAY_BUILD_COMMIT")
+        .ok()
+        .filter(|c| !c.trim().is_empty())
+        .or(head)
+        .unwrap_or_else(|| "unknown".into());
+    assert_eq!(
+        line,
+        format!("ringway {} (commit {commit})", env!("CARGO_PKG_VERSION")),
+        "--version must print the version and the commit; stderr: {}",
+        out.stderr
+    );
+}
+
 /// Starts a proxy with open, working flows, sends `signal`, and expects a clean exit.
 fn stops_cleanly_on(signal: libc::c_int) {
     let echo = Backend::echo();

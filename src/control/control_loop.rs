@@ -14,16 +14,24 @@
 //!
 //! It returns when every worker has ended (or been given up on); `Threads::shutdown` does the
 //! rest.
+//!
+//! Under systemd (`Type=notify`) it also tells the service manager what happens (`notify`):
+//! READY=1 when it starts, RELOADING=1/READY=1 around a SIGHUP reload, STOPPING=1 when the drain
+//! starts, a STATUS= line from the tick, and WATCHDOG=1 pings while every worker answers
+//! (`liveness`).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{select, Receiver};
 use log::{error, info, warn};
-use signal_hook::consts::SIGHUP;
+use signal_hook::consts::{SIGHUP, SIGUSR1};
 
 use super::backends::Backends;
 use super::health::CheckResult;
+use super::liveness::Liveness;
+use super::notify::Notifier;
 use super::signals;
 use super::sources::DnsAnswer;
 use super::threads::Threads;
@@ -49,6 +57,13 @@ pub struct Control {
     pub checks: Receiver<CheckResult>,
     /// DNS answers; `never()` without `--backend-dns`.
     pub dns: Receiver<DnsAnswer>,
+    /// The service manager (systemd), if the process runs under one that listens.
+    pub notify: Notifier,
+    /// Flows open in the process (the counter behind `--max-conns`), for the status line.
+    pub active_flows: Arc<AtomicUsize>,
+    pub liveness: Liveness,
+    /// The last STATUS= line sent, so an unchanged one is not sent again.
+    pub last_status: String,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -72,19 +87,44 @@ impl Control {
         let mut drain_at = crossbeam_channel::never::<Instant>();
         let mut running = threads.workers.len();
         let mut exit_error = None;
+        // Every listener is bound and every worker runs: start-up has returned.
+        self.notify.ready();
+        self.report_status(phase);
+        let watchdog = match self.notify.watchdog() {
+            // systemd's advice: ping at half the interval. At most once a second, at least
+            // every 10 ms (a WatchdogSec= that short cannot be met anyway).
+            Some(interval) => crossbeam_channel::tick(
+                (interval / 2).clamp(Duration::from_millis(10), Duration::from_secs(1)),
+            ),
+            None => crossbeam_channel::never(),
+        };
         while running > 0 {
             select! {
                 recv(signals) -> signal => {
                     // The signal thread is stopped only after this loop: not expected.
                     let Ok(signal) = signal else { break };
+                    if signal == SIGUSR1 {
+                        threads.reopen_access_log();
+                        continue;
+                    }
                     if signal == SIGHUP {
+                        // After STOPPING=1 a READY=1 would tell systemd the service is up again.
+                        let tell = phase == Phase::Serving;
+                        if tell {
+                            self.notify.reloading();
+                        }
                         self.reload("SIGHUP", threads);
+                        if tell {
+                            self.notify.ready();
+                            self.report_status(phase);
+                        }
                         continue;
                     }
                     let name = signals::name(signal);
                     match phase {
                         Phase::Serving => {
                             self.view.readiness.leave();
+                            self.notify.stopping();
                             let delay = self.config.drain_delay;
                             if delay.is_zero() {
                                 phase = Phase::Draining;
@@ -125,6 +165,9 @@ impl Control {
                             error!("{message}; stopping the process");
                             exit_error.get_or_insert(message);
                             if phase != Phase::Stopping {
+                                if phase == Phase::Serving {
+                                    self.notify.stopping();
+                                }
                                 phase = Phase::Stopping;
                                 drain_at = crossbeam_channel::never();
                                 threads.workers.broadcast(|| Command::Stop);
@@ -151,6 +194,13 @@ impl Control {
                 recv(ticker) -> _ => {
                     self.retry_passive_downs(threads);
                     self.reload_if_file_changed(threads);
+                    self.report_status(phase);
+                },
+                recv(watchdog) -> _ => {
+                    let heartbeats = threads.workers.heartbeats();
+                    if self.liveness.all_answering(Instant::now(), &heartbeats) {
+                        self.notify.watchdog_ping();
+                    }
                 },
                 recv(drain_at) -> _ => {
                     drain_at = crossbeam_channel::never();
@@ -184,6 +234,26 @@ impl Control {
         );
         threads.workers.broadcast(|| Command::Drain { deadline });
         crossbeam_channel::at(deadline + STOP_GRACE)
+    }
+
+    /// Sends systemd a STATUS= line (`systemctl status` shows it) if it changed.
+    fn report_status(&mut self, phase: Phase) {
+        let flows = self.active_flows.load(Ordering::Relaxed);
+        let state = match phase {
+            Phase::Serving => "serving",
+            Phase::Leaving => "leaving (--drain-delay)",
+            Phase::Draining => "draining",
+            Phase::Stopping => "stopping",
+        };
+        let status = format!(
+            "{state}: {flows} flows, {}/{} backends up",
+            self.backends.healthy_count(),
+            self.backends.entries.len()
+        );
+        if status != self.last_status {
+            self.notify.status(&status);
+            self.last_status = status;
+        }
     }
 
     /// Sends every worker the current snapshot, waits until each uses it, then shows it on the

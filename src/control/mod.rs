@@ -16,6 +16,8 @@
 //! | `admin`, `view` | the admin HTTP endpoint and what it shows |
 //! | `status`, `status_page` | `GET /`: what the status page gathers (limits, recent transitions, shares) and its HTML |
 //! | `readiness` | `/live` and `/ready`: whether the routing layer should send this host traffic |
+//! | `notify` | systemd's sd_notify protocol: READY, RELOADING, STOPPING, STATUS, WATCHDOG |
+//! | `liveness` | per-worker heartbeats: is every worker's event loop still turning |
 //!
 //! Workers get commands over crossbeam channels, each followed by a byte on the worker's wake
 //! pipe so its ring notices at once. Workers report to the control thread (`crate::events`) on
@@ -26,6 +28,8 @@ mod backends;
 mod control_loop;
 pub mod health;
 mod readiness;
+mod liveness;
+pub mod notify;
 mod reload;
 mod signals;
 mod sources;

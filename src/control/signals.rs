@@ -1,10 +1,10 @@
-//! The signal thread: SIGHUP, SIGINT and SIGTERM are caught from before the first worker starts
+//! The signal thread: SIGHUP, SIGINT, SIGTERM and SIGUSR1 are caught from before the first worker starts
 //! until the process exits, and forwarded to the control thread as a channel it can select on.
 
 use std::thread::JoinHandle;
 
 use crossbeam_channel::Receiver;
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::{Handle, Signals};
 
 use super::StartError;
@@ -20,7 +20,7 @@ impl SignalThread {
     /// SIGHUP or SIGTERM during start-up (a systemd reload right after start) must not kill the
     /// process with the default action; it waits in the channel until the control loop runs.
     pub fn start() -> Result<SignalThread, StartError> {
-        let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])
+        let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP, SIGUSR1])
             .map_err(|e| StartError(format!("cannot install signal handlers: {e}")))?;
         let handle = signals.handle();
         // Unbounded: the forwarder must never block on a full channel, or `stop` could not end
@@ -56,17 +56,19 @@ impl SignalThread {
     }
 }
 
-/// `SIGINT`, `SIGTERM` or `SIGHUP`, for log lines.
+/// `SIGINT`, `SIGTERM`, `SIGHUP` or `SIGUSR1`, for log lines.
 pub fn name(signal: i32) -> &'static str {
     match signal {
         SIGINT => "SIGINT",
         SIGTERM => "SIGTERM",
         SIGHUP => "SIGHUP",
+        SIGUSR1 => "SIGUSR1",
         _ => "a signal",
     }
 }
 
-/// SIGINT and SIGTERM ask the process to stop; SIGHUP asks for a reload.
+/// SIGINT and SIGTERM ask the process to stop; SIGHUP asks for a reload; SIGUSR1 for the access
+/// log to be reopened.
 pub fn is_stop(signal: i32) -> bool {
     signal == SIGINT || signal == SIGTERM
 }

@@ -19,6 +19,8 @@ use super::admin;
 use super::backends::Backends;
 use super::control_loop::Control;
 use super::health;
+use super::liveness::Liveness;
+use super::notify::Notifier;
 use super::signals::SignalThread;
 use super::sources;
 use super::status::ProcessInfo;
@@ -115,7 +117,7 @@ fn start_threads(
         let stats = WorkerStatsWriter::new();
         worker_stats.push(Arc::clone(stats.stats()));
         let cpu = (!cpus.is_empty()).then(|| cpus[id % cpus.len()]);
-        let setup = |commands, wake| WorkerSetup {
+        let setup = |commands, wake, heartbeat| WorkerSetup {
             id,
             listener,
             snapshot: Arc::clone(&snapshot),
@@ -127,6 +129,7 @@ fn start_threads(
             stats,
             access_log: access_log.clone(),
             listen_addr,
+            heartbeat,
         };
         threads
             .workers
@@ -226,6 +229,10 @@ fn start_threads(
         events,
         checks,
         dns,
+        notify: Notifier::from_env(),
+        active_flows,
+        liveness: Liveness::new(),
+        last_status: String::new(),
     })
 }
 

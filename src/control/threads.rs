@@ -44,7 +44,7 @@ pub struct DnsRefresher {
 pub struct Threads {
     pub signals: SignalThread,
     pub workers: WorkerPool,
-    pub access_log_writer: Option<JoinHandle<()>>,
+    pub access_log_writer: Option<crate::access_log::WriterThread>,
     pub admin: Option<AdminServer>,
     pub health: Option<HealthChecker>,
     pub dns: Option<DnsRefresher>,
@@ -66,6 +66,14 @@ impl Threads {
     pub fn send_check_targets(&self, targets: Vec<CheckTarget>) {
         if let Some(checker) = &self.health {
             let _ = checker.targets.try_send(targets);
+        }
+    }
+
+    /// SIGUSR1: the access-log writer reopens its file (after a rotation).
+    pub fn reopen_access_log(&self) {
+        match &self.access_log_writer {
+            Some(writer) => writer.reopen(),
+            None => info!("SIGUSR1: no --access-log to reopen"),
         }
     }
 
@@ -101,7 +109,7 @@ impl Threads {
             threads.push(("the admin endpoint".into(), admin.stop()));
         }
         if let Some(writer) = self.access_log_writer.take() {
-            threads.push(("the access-log writer".into(), writer));
+            threads.push(("the access-log writer".into(), writer.into_thread()));
         }
         for (name, thread) in threads {
             waiter.join(&name, thread);
@@ -155,7 +163,7 @@ impl Waiter {
                         );
                         self.abandoned = true;
                     }
-                    Ok(_) => {} // SIGHUP: nothing is reloaded any more
+                    Ok(_) => {} // SIGHUP, SIGUSR1: nothing is reloaded or reopened any more
                     // The signal thread has ended (it is stopped last): a disconnected channel
                     // is always ready, so stop selecting on it.
                     Err(_) => self.signals = crossbeam_channel::never(),

@@ -6,6 +6,7 @@
 //! loop knows when every worker is gone.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -25,6 +26,8 @@ const PUBLISH_TIMEOUT: Duration = Duration::from_secs(1);
 struct WorkerHandle {
     commands: Sender<Command>,
     wake: std::io::PipeWriter,
+    /// Bumped by the worker once per tick of its event loop (`super::liveness`).
+    heartbeat: Arc<AtomicU64>,
     /// `None` once joined or given up on.
     thread: Option<JoinHandle<()>>,
 }
@@ -52,19 +55,21 @@ impl WorkerPool {
 
     /// Starts worker `id`, pinned to `cpu` if given, with the setup `setup` builds around the
     /// worker's ends of its command channel and wake pipe. The worker reports on `ready` once
-    /// its ring is up (or why it is not), and on `exits` when its thread ends.
+    /// its ring is up (or why it is not), and on `exits` when its thread ends. The setup also
+    /// gets the heartbeat counter the worker bumps every tick ([`WorkerPool::heartbeats`]).
     pub fn spawn(
         &mut self,
         id: usize,
         cpu: Option<core_affinity::CoreId>,
         ready: Sender<Result<(), String>>,
         exits: Sender<Event>,
-        setup: impl FnOnce(Receiver<Command>, std::io::PipeReader) -> WorkerSetup,
+        setup: impl FnOnce(Receiver<Command>, std::io::PipeReader, Arc<AtomicU64>) -> WorkerSetup,
     ) -> Result<(), String> {
         let (commands, command_rx) = crossbeam_channel::unbounded();
         let (wake_rx, wake) =
             std::io::pipe().map_err(|e| format!("cannot create a wake-up pipe: {e}"))?;
-        let setup = setup(command_rx, wake_rx);
+        let heartbeat = Arc::new(AtomicU64::new(0));
+        let setup = setup(command_rx, wake_rx, Arc::clone(&heartbeat));
         let thread = std::thread::Builder::new()
             .name(format!("ringway-w{id}"))
             .spawn(move || {
@@ -82,9 +87,22 @@ impl WorkerPool {
         self.workers.push(WorkerHandle {
             commands,
             wake,
+            heartbeat,
             thread: Some(thread),
         });
         Ok(())
+    }
+
+    /// Each worker's heartbeat, or `None` for a worker whose thread has ended (or was given up
+    /// on): it is no longer expected to beat.
+    pub fn heartbeats(&self) -> Vec<Option<u64>> {
+        self.workers
+            .iter()
+            .map(|w| {
+                let running = w.thread.as_ref().is_some_and(|t| !t.is_finished());
+                running.then(|| w.heartbeat.load(Ordering::Relaxed))
+            })
+            .collect()
     }
 
     pub fn broadcast(&mut self, command: impl Fn() -> Command) {

@@ -3,6 +3,7 @@
 
 use std::io::Read;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -212,6 +213,11 @@ impl Worker {
     }
 
     pub(super) fn on_tick(&mut self) {
+        // The liveness sign the control thread checks before feeding systemd's watchdog. This
+        // thread is the only writer: a plain store, no locked read-modify-write.
+        let beats = self.heartbeat.load(Ordering::Relaxed);
+        self.heartbeat
+            .store(beats.wrapping_add(1), Ordering::Relaxed);
         let now = (self.started.elapsed().as_nanos() / self.tick.as_nanos()) as u64;
         // Timers that fell due join the queue that `expire_due` works through a batch per
         // event-loop turn.

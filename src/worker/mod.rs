@@ -22,7 +22,7 @@ use std::collections::VecDeque;
 use std::io::{self};
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -79,6 +79,8 @@ pub struct WorkerSetup {
     pub access_log: Option<AccessLog>,
     /// The listening address, for access-log lines.
     pub listen_addr: SocketAddr,
+    /// Bumped once per tick: the control thread's sign that this worker's loop turns.
+    pub heartbeat: Arc<AtomicU64>,
 }
 
 #[derive(Clone)]
@@ -225,6 +227,8 @@ struct Worker {
     spill_freed: u64,
     /// When open flows' bytes were last added to the counters (`live_bytes`).
     bytes_flushed_at: Instant,
+    /// See `WorkerSetup::heartbeat`.
+    heartbeat: Arc<AtomicU64>,
 }
 
 /// Runs a worker on the current thread until it is told to stop. Ring set-up errors are
@@ -316,6 +320,7 @@ impl Worker {
             spill_freed: 0,
             started_this_turn: 0,
             bytes_flushed_at: Instant::now(),
+            heartbeat: setup.heartbeat,
         })
     }
 

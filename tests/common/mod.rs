@@ -244,13 +244,20 @@ impl Proxy {
 
     /// Starts the proxy and waits (bounded) for its `listening on` line.
     pub fn try_start<S: AsRef<OsStr>>(args: &[S]) -> Result<Proxy, StartFailure> {
-        Self::try_start_with_stdout(args, Stdio::null())
+        Self::try_start_with_stdout(args, Stdio::null(), &[])
+    }
+
+    /// Starts the proxy with extra environment variables (e.g. systemd's `NOTIFY_SOCKET`) and
+    /// waits for its `listening on` line; panics if it doesn't come up.
+    pub fn start_with_env<S: AsRef<OsStr>>(args: &[S], env: &[(&str, &str)]) -> Proxy {
+        Self::try_start_with_stdout(args, Stdio::null(), env)
+            .unwrap_or_else(|failure| panic!("ringway did not start: {failure:?}"))
     }
 
     /// Starts the proxy with its stdout connected to a pipe the caller gets (and may leave
     /// unread, to make a writer on stdout block); panics if the proxy doesn't come up.
     pub fn start_with_stdout_pipe<S: AsRef<OsStr>>(args: &[S]) -> (Proxy, ChildStdout) {
-        let mut proxy = Self::try_start_with_stdout(args, Stdio::piped())
+        let mut proxy = Self::try_start_with_stdout(args, Stdio::piped(), &[])
             .unwrap_or_else(|failure| panic!("ringway did not start: {failure:?}"));
         let stdout = proxy.child.stdout.take().expect("piped stdout");
         (proxy, stdout)
@@ -259,8 +266,10 @@ impl Proxy {
     fn try_start_with_stdout<S: AsRef<OsStr>>(
         args: &[S],
         stdout: Stdio,
+        env: &[(&str, &str)],
     ) -> Result<Proxy, StartFailure> {
         let mut cmd = base_command(args);
+        cmd.envs(env.iter().copied());
         cmd.stdout(stdout).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn ringway");
         let log = Log::default();
