@@ -31,7 +31,18 @@ for _ in $(seq 100); do [ "$(grep -c 'listening on' "$D/backends.log")" -ge 3 ] 
 mapfile -t BE < <(grep -o 'listening on [0-9.:]*' "$D/backends.log" | awk '{print $3}')
 [ ${#BE[@]} -ge 3 ] || { echo "backends did not start ($D/backends.log)" >&2; exit 1; }
 
-port=$((20000 + RANDOM % 20000))
+# Three ports the OS says are free: the proxies listen on port, port+1 and port+2.
+port=$(python3 -c '
+import socket
+for _ in range(200):
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close()
+    if p > 65000: continue
+    try:
+        for q in (p, p + 1, p + 2):
+            t = socket.socket(); t.bind(("127.0.0.1", q)); t.close()
+        print(p); break
+    except OSError: pass
+')
 start_ringway() {  # binary port -> LAST_PID
     taskset -c 1 "$1" --listen "127.0.0.1:$2" --backend "${BE[0]}" --backend "${BE[1]}" \
         --backend "${BE[2]}" --workers 1 --connect-timeout 3s --idle-timeout 10m \

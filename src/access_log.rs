@@ -680,15 +680,6 @@ mod tests {
             fail: true,
             taken: Vec::new(),
         }));
-        struct Shared(Arc<std::sync::Mutex<Flaky>>);
-        impl Write for Shared {
-            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-                self.0.lock().unwrap().write(buf)
-            }
-            fn flush(&mut self) -> io::Result<()> {
-                Ok(())
-            }
-        }
         let mut writer = Writer::new(
             Box::new(Shared(Arc::clone(&old))),
             Arc::new(Counters::default()),
@@ -713,6 +704,18 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 1);
         assert!(old.lock().unwrap().taken.ends_with(b"\n"));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A `Flaky` output the test keeps a handle on while the writer owns the other.
+    struct Shared(Arc<std::sync::Mutex<Flaky>>);
+
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().write(buf)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
     }
 
     /// An output that fails every write until `fail` is cleared, then takes 5 bytes at a time.
@@ -744,15 +747,6 @@ mod tests {
             fail: true,
             taken: Vec::new(),
         }));
-        struct Shared(Arc<std::sync::Mutex<Flaky>>);
-        impl Write for Shared {
-            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-                self.0.lock().unwrap().write(buf)
-            }
-            fn flush(&mut self) -> io::Result<()> {
-                Ok(())
-            }
-        }
         writer.out = Box::new(Shared(Arc::clone(&shared)));
 
         writer.push(&record());

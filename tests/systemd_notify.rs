@@ -139,16 +139,9 @@ fn ready_status_reload_and_stopping_reach_the_service_manager() {
 /// half the interval while every worker answers. The same through an abstract socket name.
 #[test]
 fn watchdog_pings_come_at_half_the_interval_on_an_abstract_socket() {
-    use std::os::linux::net::SocketAddrExt;
     let echo = Backend::echo();
     let name = format!("ringway-test-notify-{}", std::process::id());
-    let socket = UnixDatagram::bind_addr(
-        &std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap(),
-    )
-    .expect("bind an abstract notify socket");
-    socket
-        .set_read_timeout(Some(Duration::from_secs(1)))
-        .unwrap();
+    let socket = abstract_notify_socket(&name, Duration::from_secs(1));
     let interval = Duration::from_millis(600);
     let mut proxy = Proxy::start_with_env(
         &[
@@ -258,16 +251,9 @@ fn thread_named(proxy: &Proxy, name: &str) -> libc::pid_t {
 /// the pings stop (so systemd would restart the process); once it runs again, they resume.
 #[test]
 fn watchdog_pings_stop_while_a_worker_is_wedged() {
-    use std::os::linux::net::SocketAddrExt;
     let echo = Backend::echo();
     let name = format!("ringway-test-wedged-{}", std::process::id());
-    let socket = UnixDatagram::bind_addr(
-        &std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap(),
-    )
-    .expect("bind an abstract notify socket");
-    socket
-        .set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
+    let socket = abstract_notify_socket(&name, Duration::from_millis(100));
     let mut proxy = Proxy::start_with_env(
         &[
             "--listen",
@@ -325,4 +311,16 @@ fn watchdog_pings_stop_while_a_worker_is_wedged() {
         proxy.stderr_tail()
     );
     proxy.assert_running();
+}
+
+/// A notify socket bound to the abstract name `name` (NOTIFY_SOCKET=@name), reads timing out
+/// after `timeout`.
+fn abstract_notify_socket(name: &str, timeout: Duration) -> UnixDatagram {
+    use std::os::linux::net::SocketAddrExt;
+    let socket = UnixDatagram::bind_addr(
+        &std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap(),
+    )
+    .expect("bind an abstract notify socket");
+    socket.set_read_timeout(Some(timeout)).unwrap();
+    socket
 }
