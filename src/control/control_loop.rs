@@ -45,6 +45,15 @@ pub struct Control {
     pub checks: Receiver<CheckResult>,
     /// DNS answers; `never()` without `--backend-dns`.
     pub dns: Receiver<DnsAnswer>,
+    /// The workers' listening sockets (owned by the workers), to hand to a successor.
+    pub listener_fds: Vec<std::os::fd::RawFd>,
+    pub listen_addr: std::net::SocketAddr,
+    /// The thread waiting on `--upgrade-socket`, if any.
+    pub upgrade: Option<crate::handover::old::UpgradeServer>,
+    /// Successors from that thread; `never()` without it.
+    pub upgrades: Receiver<crate::handover::old::Incoming>,
+    /// Everything was handed to a successor: the workers are ending on purpose.
+    pub handed_over: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -102,7 +111,7 @@ impl Control {
                 recv(self.events) -> event => match event {
                     Ok(Event::WorkerExited { id, panicked }) => {
                         running -= 1;
-                        if panicked || phase == Phase::Serving {
+                        if panicked || (phase == Phase::Serving && !self.handed_over) {
                             let message = format!("worker {id} stopped unexpectedly");
                             error!("{message}; stopping the process");
                             exit_error.get_or_insert(message);
@@ -128,6 +137,25 @@ impl Control {
                 recv(self.dns) -> answer => match answer {
                     Ok(answer) => self.on_dns(answer, threads),
                     Err(_) => self.dns = crossbeam_channel::never(),
+                },
+                recv(self.upgrades) -> incoming => match incoming {
+                    Ok(incoming) if phase == Phase::Serving => {
+                        match self.on_successor(incoming, threads) {
+                            super::upgrade::Next::Serve => {}
+                            super::upgrade::Next::Exit => {
+                                phase = Phase::Stopping;
+                                give_up = crossbeam_channel::at(Instant::now() + STOP_GRACE);
+                            }
+                            super::upgrade::Next::Drain => {
+                                phase = Phase::Draining;
+                                let deadline = Instant::now() + self.config.shutdown_timeout;
+                                threads.workers.broadcast(|| Command::Drain { deadline });
+                                give_up = crossbeam_channel::at(deadline + STOP_GRACE);
+                            }
+                        }
+                    }
+                    Ok(_) => {} // draining or stopping: nothing to hand over
+                    Err(_) => self.upgrades = crossbeam_channel::never(),
                 },
                 recv(ticker) -> _ => {
                     self.retry_passive_downs(threads);

@@ -14,6 +14,7 @@
 //! | `health` | the up/down state machine and the active-check thread |
 //! | `sources` | where backends come from; the DNS refresh thread |
 //! | `admin`, `view` | the admin HTTP endpoint and what it shows |
+//! | `upgrade` | `--upgrade-socket` and `--takeover` around start-up and in the control loop |
 //!
 //! Workers get commands over crossbeam channels, each followed by a byte on the worker's wake
 //! pipe so its ring notices at once. Workers report to the control thread (`crate::events`) on
@@ -29,8 +30,9 @@ mod sources;
 mod startup;
 mod threads;
 mod transitions;
+mod upgrade;
 mod view;
-mod workers;
+pub(crate) mod workers;
 
 use std::fmt;
 
@@ -61,8 +63,14 @@ pub fn run(config: crate::config::Config) -> Result<(), StartError> {
         return Ok(());
     }
     let signals = SignalThread::start()?;
-    let (mut control, mut threads) = startup::start(config, backends, signals)?;
+    let mut upgrade = upgrade::Before::start(&config)?;
+    let (mut control, mut threads) =
+        startup::start(config, backends, signals, upgrade.listeners())?;
+    upgrade.after_start(&mut control, &mut threads)?;
     let outcome = control.run(&mut threads);
+    if let Some(server) = &control.upgrade {
+        server.remove_socket();
+    }
     // Closes the event channel: a worker still ending does not wait to report it to nobody.
     drop(control);
     threads.shutdown();

@@ -103,6 +103,8 @@ impl Worker {
             ticket,
             greeting,
             spill: None,
+            handover: super::handover::Mark::No,
+            adopted_backend: None,
         });
         let mut ops = std::mem::take(&mut self.ops);
         let entry = &mut self.slots[slot];
@@ -112,6 +114,8 @@ impl Worker {
         entry.flow.start(&mut ops);
         self.apply(slot, &mut ops);
         self.ops = ops;
+        // Started during a handover (accepted before the accept's cancel landed): it moves too.
+        self.join_handover(slot);
         true
     }
 
@@ -225,6 +229,9 @@ impl Worker {
         }
         self.apply(index, &mut ops);
         self.ops = ops;
+        if self.handover.is_some() {
+            self.export_if_quiesced(index, token.generation);
+        }
     }
 
     /// A connection closed at accept, before it became a flow: counted, and logged like a flow
@@ -248,6 +255,7 @@ impl Worker {
 
     pub(super) fn release(&mut self, index: usize, ending: Ending) {
         let slot = self.slots.remove(index);
+        self.handover_forget(slot.handover);
         if ending.reset_client {
             let _ = SockRef::from(&slot.client).set_linger(Some(Duration::ZERO));
         }
@@ -280,7 +288,8 @@ impl Worker {
                 listener: self.listen_addr,
                 backend: backend
                     .filter(|_| slot.connect_time.is_some())
-                    .map(|b| Arc::clone(&b.name)),
+                    .map(|b| Arc::clone(&b.name))
+                    .or_else(|| slot.adopted_backend.clone()),
                 bytes_client_to_backend: up,
                 bytes_backend_to_client: down,
                 duration,

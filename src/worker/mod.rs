@@ -9,6 +9,7 @@ mod accept;
 mod bufring;
 mod edge;
 mod flows;
+mod handover;
 mod lifecycle;
 mod ops;
 mod rate_limited;
@@ -59,6 +60,18 @@ pub enum Command {
         names: Vec<Arc<str>>,
         deadline: Instant,
     },
+    /// Upgrade: stop accepting (keeping the listener), quiesce every flow and report each on
+    /// `exports` once it can move, then `Drained` (see `worker/handover.rs`).
+    Handover {
+        exports: Sender<crate::handover::Exported>,
+    },
+    /// The successor acknowledged these exported flows: close this process's copies.
+    Release(Vec<crate::handover::FlowHandle>),
+    /// The handover failed: accept again and move every flow not released; take back these
+    /// accepted connections that were not started.
+    Resume(Vec<OwnedFd>),
+    /// Flows handed over by the previous process: relay them from where they stood.
+    Adopt(Vec<crate::handover::Adopted>),
 }
 
 /// Everything a worker needs, handed over when its thread starts.
@@ -136,6 +149,11 @@ struct Slot {
     /// Undelivered bytes of a stalled pipe moved off the buffer ring (flow.rs, "spill"), by
     /// `Side::pipe_index`; boxed so flows without one pay one pointer.
     spill: Option<Box<[Vec<u8>; 2]>>,
+    /// Where the flow is in an upgrade handover.
+    handover: handover::Mark,
+    /// The backend of a flow adopted from the previous process when this process's set has no
+    /// backend of that name (it follows `--drain-timeout`).
+    adopted_backend: Option<Arc<str>>,
 }
 
 /// Per-flow PROXY protocol state, boxed so flows without it pay one pointer.
@@ -220,6 +238,8 @@ struct Worker {
     spill_bytes: u64,
     /// Spill memory freed since the allocator was last asked to return free pages.
     spill_freed: u64,
+    /// An upgrade handover in progress (`worker/handover.rs`).
+    handover: Option<handover::Progress>,
 }
 
 /// Runs a worker on the current thread until it is told to stop. Ring set-up errors are
@@ -310,6 +330,7 @@ impl Worker {
             spill_bytes: 0,
             spill_freed: 0,
             started_this_turn: 0,
+            handover: None,
         })
     }
 
@@ -364,6 +385,9 @@ impl Worker {
             }
             if self.has_start_backlog() {
                 self.resume_accepting();
+            }
+            if self.handover.is_some() {
+                self.handover_turn();
             }
             self.stats.turn_took(turn.elapsed());
         }
