@@ -44,6 +44,19 @@ impl Conn {
         self.stream.set_write_timeout(timeout)
     }
 
+    /// The peer has closed its end (or sent something unasked, which this side would only read
+    /// as a protocol error later): checked without blocking.
+    pub fn peer_closed(&self) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: self.stream.as_raw_fd(),
+            events: libc::POLLIN | libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: poll reads and writes the one pollfd we pass, for the length we pass.
+        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+        n > 0 && pfd.revents & (libc::POLLIN | libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+    }
+
     /// Sends `message` with `fds` (as many as the message says, at most `MAX_FDS_PER_FRAME`).
     pub fn send(&mut self, message: &Message, fds: &[RawFd]) -> io::Result<()> {
         if fds.len() != message.fd_count() || fds.len() > MAX_FDS_PER_FRAME {

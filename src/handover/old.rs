@@ -29,6 +29,8 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// flows still connecting or reading a PROXY header finish within their own timeouts
 /// (`--connect-timeout` times the attempts, `--proxy-header-timeout`), far below this.
 const EXPORT_STALL: Duration = Duration::from_secs(60);
+/// How often the successor is checked while the workers have nothing to export.
+const WATCH_INTERVAL: Duration = Duration::from_millis(50);
 /// Most flows in one batch (each has two descriptors).
 const BATCH_FLOWS: usize = MAX_FDS_PER_FRAME / 2;
 /// A batch stops growing past this many pending bytes.
@@ -197,6 +199,7 @@ pub fn hand_over(
         workers_left: workers.len(),
         batch: 0,
         moved: 0,
+        pending_bytes: 0,
         carried: None,
     };
     match shipper.run(workers) {
@@ -204,8 +207,10 @@ pub fn hand_over(
             let moved = shipper.moved;
             let _ = shipper.conn.send(&Message::Done { flows: moved }, &[]);
             info!(
-                "handover complete: {moved} flows moved in {:?}; exiting",
-                started.elapsed()
+                "handover complete: {moved} flows moved in {:?} ({} bytes read and not yet \
+                 written went with them); exiting",
+                started.elapsed(),
+                shipper.pending_bytes
             );
             Ok(moved)
         }
@@ -222,6 +227,8 @@ struct Shipper {
     workers_left: usize,
     batch: u64,
     moved: u64,
+    /// Bytes read and not yet written, in the flows moved.
+    pending_bytes: u64,
     /// An export that did not fit in the last batch.
     carried: Option<Exported>,
 }
@@ -243,21 +250,14 @@ impl Shipper {
                 }
                 let next = match self.carried.take() {
                     Some(e) => e,
-                    None if first && self.workers_left > 0 => {
-                        match self.exports.recv_timeout(EXPORT_STALL) {
-                            Ok(e) => e,
-                            Err(RecvTimeoutError::Timeout) => {
-                                return Err((
-                                    format!("the workers exported nothing for {EXPORT_STALL:?}"),
-                                    owned(shipped),
-                                ))
-                            }
-                            Err(RecvTimeoutError::Disconnected) => {
-                                self.workers_left = 0;
-                                break;
-                            }
+                    None if first && self.workers_left > 0 => match self.next_export() {
+                        Ok(Some(e)) => e,
+                        Ok(None) => {
+                            self.workers_left = 0;
+                            break;
                         }
-                    }
+                        Err(e) => return Err((e, owned(shipped))),
+                    },
                     None => match self.exports.try_recv() {
                         Ok(e) => e,
                         Err(_) => break,
@@ -340,6 +340,27 @@ impl Shipper {
                 }
             }
             self.moved += count;
+            self.pending_bytes += bytes as u64;
+        }
+    }
+
+    /// Waits for the next export (`None`: every worker is gone), watching the successor
+    /// meanwhile: flows still connecting can keep us waiting for seconds, and a successor that
+    /// died in that time must not keep the flows already quiesced waiting too.
+    fn next_export(&mut self) -> Result<Option<Exported>, String> {
+        let started = Instant::now();
+        loop {
+            match self.exports.recv_timeout(WATCH_INTERVAL) {
+                Ok(e) => return Ok(Some(e)),
+                Err(RecvTimeoutError::Disconnected) => return Ok(None),
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            if self.conn.peer_closed() {
+                return Err("the successor closed the connection".into());
+            }
+            if started.elapsed() >= EXPORT_STALL {
+                return Err(format!("the workers exported nothing for {EXPORT_STALL:?}"));
+            }
         }
     }
 

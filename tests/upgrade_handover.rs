@@ -1,0 +1,642 @@
+//! Upgrades that keep every live flow (`--upgrade-socket`, `--takeover`): the running process
+//! hands its listeners and its established flows to the successor, which carries on relaying
+//! them byte-exact; the old process exits 0 as soon as everything is handed over.
+//!
+//! The flows are driven through a test backend that picks its behaviour from the first byte a
+//! client sends (`Mux`): echo, a sink that reads nothing until a gate opens and then replies with
+//! the length and digest of what it got, or a stream of N pattern bytes. Every byte either way
+//! is a position in a per-flow pattern, so a byte lost, duplicated, reordered or delivered to
+//! the wrong flow is caught.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use common::*;
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+/// Flows exchanging messages both ways all through the upgrades.
+const ACTIVE: usize = 2000;
+/// Threads driving them.
+const DRIVERS: usize = 8;
+/// Flows that do one round trip before the first upgrade and the next after the last.
+const IDLE: usize = 200;
+/// Flows that send a request and half-close before the first upgrade; the backend reads it and
+/// replies only after the second.
+const LATE_REPLY: usize = 100;
+/// More than the backend's receive buffer takes before it reads (about 128 KiB): the rest
+/// waits in the proxy.
+const LATE_REQUEST: usize = 300_000;
+/// Flows whose client reads nothing until after the last upgrade, while the backend streams.
+const SLOW: usize = 10;
+const SLOW_BYTES: u64 = 16 << 20;
+/// Flows whose backend connect is still in progress when the first handover starts.
+const MID_CONNECT: usize = 10;
+
+// ---------------------------------------------------------------------------------------------
+// The backend
+// ---------------------------------------------------------------------------------------------
+
+const ECHO: u8 = b'E';
+const LATE_SINK: u8 = b'S';
+const STREAM: u8 = b'T';
+
+/// A backend whose behaviour per connection is chosen by the client's first byte: `ECHO`
+/// (echo until EOF, then half-close), `LATE_SINK` (wait for the gate, read to EOF, reply
+/// `len: u64 LE, digest: u64 LE`, close), `STREAM` (read key and length as u64 LE, write that
+/// many pattern bytes, half-close, read to EOF).
+struct Mux {
+    addr: SocketAddr,
+    gate: Arc<Gate>,
+}
+
+impl Mux {
+    fn start() -> Mux {
+        // A deep backlog: thousands of flows connect at once, and an overflowing accept queue
+        // resets handshakes answered with syncookies (the test's doing, not the proxy's).
+        let listener = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+        listener
+            .bind(&SockAddr::from(
+                "127.0.0.1:0".parse::<SocketAddr>().unwrap(),
+            ))
+            .unwrap();
+        listener.listen(4096).unwrap();
+        let addr = listener.local_addr().unwrap().as_socket().unwrap();
+        let gate = Arc::new(Gate::default());
+        serve(listener, Arc::clone(&gate));
+        Mux { addr, gate }
+    }
+}
+
+/// Accepts on `listener` for good, a thread per connection.
+fn serve(listener: Socket, gate: Arc<Gate>) {
+    thread::Builder::new()
+        .name("mux-accept".into())
+        .stack_size(SMALL_STACK)
+        .spawn(move || loop {
+            let Ok((conn, _)) = listener.accept() else {
+                continue;
+            };
+            let gate = Arc::clone(&gate);
+            let stream: TcpStream = conn.into();
+            let _ = thread::Builder::new()
+                .name("mux-conn".into())
+                .stack_size(SMALL_STACK)
+                .spawn(move || handle(stream, &gate));
+        })
+        .unwrap();
+}
+
+fn handle(mut s: TcpStream, gate: &Gate) {
+    s.set_read_timeout(Some(BACKEND_IO_TIMEOUT)).unwrap();
+    s.set_write_timeout(Some(BACKEND_IO_TIMEOUT)).unwrap();
+    let mut mode = [0u8];
+    if s.read_exact(&mut mode).is_err() {
+        return;
+    }
+    match mode[0] {
+        ECHO => {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) => {
+                        let _ = s.shutdown(Shutdown::Write);
+                        return;
+                    }
+                    Ok(n) => {
+                        if s.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                    Err(_) => return,
+                }
+            }
+        }
+        LATE_SINK => {
+            if !gate.wait_open(Duration::from_secs(120)) {
+                return;
+            }
+            let mut got = Vec::new();
+            if s.read_to_end(&mut got).is_err() {
+                return;
+            }
+            let mut reply = (got.len() as u64).to_le_bytes().to_vec();
+            reply.extend_from_slice(&digest(&got).to_le_bytes());
+            let _ = s.write_all(&reply);
+        }
+        STREAM => {
+            let mut head = [0u8; 16];
+            if s.read_exact(&mut head).is_err() {
+                return;
+            }
+            let key = u64::from_le_bytes(head[..8].try_into().unwrap());
+            let len = u64::from_le_bytes(head[8..].try_into().unwrap());
+            if write_pattern(&mut s, key, len).is_ok() {
+                let _ = s.shutdown(Shutdown::Write);
+                let _ = s.read_to_end(&mut Vec::new());
+            }
+        }
+        _ => {}
+    }
+}
+
+/// A backend that does not accept connections until `open`: its accept queue is full, so the
+/// kernel drops the proxy's SYNs and the proxy's connects stay in progress (it retransmits).
+struct LateBackend {
+    addr: SocketAddr,
+    listener: Socket,
+    fillers: Vec<Socket>,
+}
+
+impl LateBackend {
+    fn new() -> LateBackend {
+        let listener = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+        listener
+            .bind(&SockAddr::from(
+                "127.0.0.1:0".parse::<SocketAddr>().unwrap(),
+            ))
+            .unwrap();
+        listener.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap().as_socket().unwrap();
+        let mut fillers = Vec::new();
+        for _ in 0..64 {
+            let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+            match s.connect_timeout(&SockAddr::from(addr), Duration::from_millis(300)) {
+                Ok(()) => fillers.push(s),
+                Err(_) => {
+                    return LateBackend {
+                        addr,
+                        listener,
+                        fillers,
+                    }
+                }
+            }
+        }
+        panic!("a backlog-0 listener accepted 64 connections: cannot hold connects here");
+    }
+
+    /// Starts accepting (and serving like `Mux`): the proxy's next SYN retransmission connects.
+    fn open(self, gate: Arc<Gate>) {
+        // A full backlog first: with backlog 0 the kernel answers SYNs with syncookies and then
+        // resets a handshake whose last ACK finds the accept queue full (two at once).
+        self.listener.listen(4096).unwrap();
+        drop(self.fillers);
+        serve(self.listener, gate);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clients
+// ---------------------------------------------------------------------------------------------
+
+/// Client source addresses and the backend each maps to (`ringway --show-mapping`).
+fn mapping(backends: &[String]) -> BTreeMap<IpAddr, String> {
+    let mut argv: Vec<String> = Vec::new();
+    for b in backends {
+        argv.extend(["--backend".into(), b.clone()]);
+    }
+    for n in 2..=60u8 {
+        argv.extend(["--show-mapping".into(), client_ip(n).to_string()]);
+    }
+    let out = run_to_exit(&argv, Duration::from_secs(20));
+    assert!(out.status.success(), "--show-mapping: {}", out.stderr);
+    out.stdout
+        .lines()
+        .filter_map(|l| {
+            let (ip, name) = l.split_once(" -> ")?;
+            Some((ip.trim().parse().ok()?, name.trim().to_string()))
+        })
+        .collect()
+}
+
+/// Connects from one of `ips` in turn and sends the mode byte.
+fn open_flow(addr: SocketAddr, ips: &[IpAddr], n: usize, mode: u8) -> io::Result<TcpStream> {
+    let mut s = connect_from(ips[n % ips.len()], addr)?;
+    s.write_all(&[mode])?;
+    Ok(s)
+}
+
+/// A client with a tiny receive buffer, so what it does not read waits in the proxy.
+fn slow_reader(addr: SocketAddr, ip: IpAddr) -> TcpStream {
+    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+    s.set_recv_buffer_size(4096).unwrap();
+    s.bind(&SockAddr::from(SocketAddr::new(ip, 0))).unwrap();
+    s.connect_timeout(&SockAddr::from(addr), Duration::from_secs(10))
+        .unwrap();
+    let mut s: TcpStream = s.into();
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.write_all(&[STREAM]).unwrap();
+    s
+}
+
+/// One echoed message of flow `key` at `pos`; returns its length.
+fn round_trip(s: &mut TcpStream, key: u64, pos: u64, len: usize) -> Result<usize, String> {
+    let msg = pattern_slice(key, pos, len);
+    s.write_all(msg).map_err(|e| format!("write: {e}"))?;
+    let mut back = vec![0u8; msg.len()];
+    s.read_exact(&mut back)
+        .map_err(|e| format!("reading the echo: {e}"))?;
+    check_pattern(key, pos, &back)
+        .map_err(|i| format!("echo differs at byte {}", pos + i as u64))?;
+    Ok(msg.len())
+}
+
+/// Half-closes and expects the backend's half-close back, with nothing before it.
+fn finish(s: &mut TcpStream) -> Result<(), String> {
+    s.shutdown(Shutdown::Write)
+        .map_err(|e| format!("half-close: {e}"))?;
+    let mut rest = Vec::new();
+    match s.read_to_end(&mut rest) {
+        Ok(0) => Ok(()),
+        Ok(n) => Err(format!("{n} bytes after the last echo")),
+        Err(e) => Err(format!("no clean end: {e}")),
+    }
+}
+
+/// What went wrong, shared by every client thread.
+#[derive(Clone, Default)]
+struct Errors(Arc<Mutex<Vec<String>>>);
+
+impl Errors {
+    fn push(&self, what: String) {
+        self.0.lock().unwrap().push(what);
+    }
+    fn all(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+/// `ACTIVE` flows exchanging messages of 1..1500 bytes, `DRIVERS` threads of them.
+struct Active {
+    stop: Arc<AtomicBool>,
+    trips: Arc<AtomicU64>,
+    /// The slowest round trip, in microseconds.
+    slowest_us: Arc<AtomicU64>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Active {
+    fn start(addr: SocketAddr, ips: &[IpAddr], errors: &Errors) -> Active {
+        let stop = Arc::new(AtomicBool::new(false));
+        let trips = Arc::new(AtomicU64::new(0));
+        let slowest_us = Arc::new(AtomicU64::new(0));
+        let threads = (0..DRIVERS)
+            .map(|d| {
+                let mut flows: Vec<(TcpStream, u64, u64)> = (0..ACTIVE / DRIVERS)
+                    .map(|i| {
+                        let n = d * ACTIVE / DRIVERS + i;
+                        let s = open_flow(addr, ips, n, ECHO)
+                            .unwrap_or_else(|e| panic!("opening active flow {n}: {e}"));
+                        (s, 0xAC71_0000 + n as u64, 0)
+                    })
+                    .collect();
+                let (stop, trips, slowest, errors) = (
+                    stop.clone(),
+                    trips.clone(),
+                    slowest_us.clone(),
+                    errors.clone(),
+                );
+                thread::Builder::new()
+                    .name(format!("active-{d}"))
+                    .spawn(move || {
+                        let mut rng = Rng::new(d as u64 + 1);
+                        while !stop.load(Ordering::SeqCst) && !flows.is_empty() {
+                            let mut failed = Vec::new();
+                            for (i, (s, key, pos)) in flows.iter_mut().enumerate() {
+                                let len = rng.range(1, 1500) as usize;
+                                let started = Instant::now();
+                                match round_trip(s, *key, *pos, len) {
+                                    Ok(n) => {
+                                        *pos += n as u64;
+                                        trips.fetch_add(1, Ordering::SeqCst);
+                                        let us = started.elapsed().as_micros() as u64;
+                                        slowest.fetch_max(us, Ordering::SeqCst);
+                                    }
+                                    Err(e) => {
+                                        errors.push(format!("active flow {key:x} at {pos}: {e}"));
+                                        failed.push(i);
+                                    }
+                                }
+                            }
+                            for i in failed.into_iter().rev() {
+                                flows.swap_remove(i);
+                            }
+                        }
+                        for (s, key, _) in &mut flows {
+                            if let Err(e) = finish(s) {
+                                errors.push(format!("active flow {key:x} at the end: {e}"));
+                            }
+                        }
+                    })
+                    .unwrap()
+            })
+            .collect();
+        Active {
+            stop,
+            trips,
+            slowest_us,
+            threads,
+        }
+    }
+
+    fn trips(&self) -> u64 {
+        self.trips.load(Ordering::SeqCst)
+    }
+
+    /// Waits until every flow has made about `rounds` more round trips.
+    fn progress(&self, rounds: u64, what: &str, proxy: &Proxy) {
+        let from = self.trips();
+        assert!(
+            wait_until(Duration::from_secs(60), || self.trips()
+                >= from + rounds * ACTIVE as u64),
+            "active flows stalled {what}: {} round trips\n{}",
+            self.trips(),
+            proxy.stderr_tail()
+        );
+    }
+
+    fn stop(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads {
+            t.join().expect("active driver panicked");
+        }
+    }
+}
+
+/// New short flows, one after another, all through the upgrades.
+struct Newcomers {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    thread: JoinHandle<()>,
+}
+
+impl Newcomers {
+    fn start(addr: SocketAddr, ips: Vec<IpAddr>, errors: &Errors) -> Newcomers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let (stop2, ok2, errors) = (stop.clone(), ok.clone(), errors.clone());
+        let thread = thread::spawn(move || {
+            let mut n = 0usize;
+            while !stop2.load(Ordering::SeqCst) {
+                n += 1;
+                let key = 0x4E57_0000_0000 + n as u64;
+                let outcome = open_flow(addr, &ips, n, ECHO)
+                    .map_err(|e| format!("connect: {e}"))
+                    .and_then(|mut s| {
+                        let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                        round_trip(&mut s, key, 0, 100 + n % 900)
+                            .and_then(|_| finish(&mut s))
+                            .map_err(|e| format!("from {local}: {e}"))
+                    });
+                match outcome {
+                    Ok(()) => {
+                        ok2.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(e) => errors.push(format!("new client {n}: {e}")),
+                }
+                // Paced (about 300 a second at most): each leaves a TIME_WAIT behind, and the
+                // ports to one backend are finite.
+                thread::sleep(Duration::from_millis(3));
+            }
+        });
+        Newcomers { stop, ok, thread }
+    }
+
+    fn ok(&self) -> u64 {
+        self.ok.load(Ordering::SeqCst)
+    }
+
+    fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.join().expect("newcomer thread panicked");
+        self.ok.load(Ordering::SeqCst)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes
+// ---------------------------------------------------------------------------------------------
+
+fn args(backends: &[String], workers: usize, socket: &Path) -> Vec<String> {
+    let mut v = vec!["--listen".to_string(), "127.0.0.1:0".to_string()];
+    for b in backends {
+        v.extend(["--backend".into(), b.clone()]);
+    }
+    v.extend([
+        "--workers".into(),
+        workers.to_string(),
+        "--connect-timeout".into(),
+        "20s".into(),
+        "--upgrade-socket".into(),
+        socket.display().to_string(),
+    ]);
+    v
+}
+
+fn takeover(mut argv: Vec<String>) -> Vec<String> {
+    argv.push("--takeover".into());
+    argv
+}
+
+/// Waits for a line containing `text` in the proxy's stderr.
+fn wait_log(proxy: &Proxy, text: &str, within: Duration) {
+    assert!(
+        wait_until(within, || proxy.stderr().contains(text)),
+        "no `{text}` in the log within {within:?}\n{}",
+        proxy.stderr_tail()
+    );
+}
+
+/// The old process exits 0 once the successor has everything.
+fn expect_handed_over(old: &mut Proxy, new: &Proxy) {
+    let status = old.wait_exit(Duration::from_secs(60));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "old process: {status:?}\n{}\n{}",
+        old.stderr_tail(),
+        new.stderr_tail()
+    );
+    assert!(
+        old.stderr().contains("handover complete"),
+        "{}",
+        old.stderr_tail()
+    );
+    // Bytes were waiting in the proxy at the handover (slow readers, a backend not reading).
+    let log = old.stderr();
+    let in_flight: u64 = log
+        .split(" bytes read and not yet written")
+        .next()
+        .and_then(|head| head.rsplit('(').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        in_flight > 0,
+        "no pending bytes moved\n{}",
+        old.stderr_tail()
+    );
+    wait_log(new, "waiting for a successor", Duration::from_secs(60));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn three_upgrades_under_load_keep_every_flow_byte_exact() {
+    raise_nofile(16_000);
+    let dir = TempDir::new("handover");
+    let socket = dir.path().join("upgrade.sock");
+    let mux = Mux::start();
+    let late = LateBackend::new();
+    let backends = vec![mux.addr.to_string(), late.addr.to_string()];
+    let map = mapping(&backends);
+    let ips_to = |name: &str| -> Vec<IpAddr> {
+        map.iter()
+            .filter(|(_, b)| *b == name)
+            .map(|(ip, _)| *ip)
+            .collect()
+    };
+    let mux_ips = ips_to(&backends[0]);
+    let late_ips = ips_to(&backends[1]);
+    assert!(
+        mux_ips.len() >= 5 && !late_ips.is_empty(),
+        "mapping: {map:?}"
+    );
+    let errors = Errors::default();
+
+    let mut proxy = Proxy::start(&args(&backends, 2, &socket));
+    // Kept so that a failure shows their logs too.
+    let mut retired = Vec::new();
+    wait_log(&proxy, "waiting for a successor", Duration::from_secs(10));
+    let addr = proxy.addr;
+
+    // Flows of every kind, before the first upgrade.
+    let mut idle: Vec<TcpStream> = (0..IDLE)
+        .map(|n| {
+            let mut s = open_flow(addr, &mux_ips, n, ECHO).unwrap();
+            round_trip(&mut s, 0x1D1E_0000 + n as u64, 0, 300).unwrap();
+            s
+        })
+        .collect();
+    let mut late_reply: Vec<TcpStream> = (0..LATE_REPLY)
+        .map(|n| {
+            let mut s = open_flow(addr, &mux_ips, n, LATE_SINK).unwrap();
+            write_pattern(&mut s, 0x1A7E_0000 + n as u64, LATE_REQUEST as u64).unwrap();
+            s.shutdown(Shutdown::Write).unwrap();
+            s
+        })
+        .collect();
+    let mut slow: Vec<TcpStream> = (0..SLOW)
+        .map(|n| {
+            let mut s = slow_reader(addr, mux_ips[n % mux_ips.len()]);
+            let mut head = (0x5107_0000 + n as u64).to_le_bytes().to_vec();
+            head.extend_from_slice(&SLOW_BYTES.to_le_bytes());
+            s.write_all(&head).unwrap();
+            s
+        })
+        .collect();
+    let active = Active::start(addr, &mux_ips, &errors);
+    let newcomers = Newcomers::start(addr, mux_ips.clone(), &errors);
+    active.progress(2, "before the first upgrade", &proxy);
+    let mut mid_connect: Vec<TcpStream> = (0..MID_CONNECT)
+        .map(|n| open_flow(addr, &late_ips, n, ECHO).unwrap())
+        .collect();
+
+    // Upgrade 1: the late backend starts accepting only once the handover has begun, so its
+    // flows are still connecting when the old process quiesces.
+    let mut next = Proxy::start(&takeover(args(&backends, 2, &socket)));
+    wait_log(&proxy, "handing over the flows", Duration::from_secs(30));
+    late.open(Arc::clone(&mux.gate));
+    expect_handed_over(&mut proxy, &next);
+    retired.push(std::mem::replace(&mut proxy, next));
+    for (n, s) in mid_connect.iter_mut().enumerate() {
+        round_trip(s, 0x31D0_0000 + n as u64, 0, 500)
+            .unwrap_or_else(|e| panic!("mid-connect flow {n}: {e}\n{}", proxy.stderr_tail()));
+    }
+    active.progress(2, "after the first upgrade", &proxy);
+
+    // Upgrade 2: more workers than listeners handed over.
+    let from = newcomers.ok();
+    next = Proxy::start(&takeover(args(&backends, 3, &socket)));
+    expect_handed_over(&mut proxy, &next);
+    retired.push(std::mem::replace(&mut proxy, next));
+    mux.gate.open(); // the late-reply backends read and answer now
+    active.progress(2, "after the second upgrade", &proxy);
+
+    // Upgrade 3: fewer workers than listeners handed over.
+    next = Proxy::start(&takeover(args(&backends, 2, &socket)));
+    expect_handed_over(&mut proxy, &next);
+    retired.push(std::mem::replace(&mut proxy, next));
+    active.progress(2, "after the third upgrade", &proxy);
+    assert!(
+        wait_until(Duration::from_secs(30), || newcomers.ok() > from + 50),
+        "new clients are not served after the upgrades\n{}",
+        proxy.stderr_tail()
+    );
+
+    // Every kind of flow finishes exactly.
+    for (n, s) in idle.iter_mut().enumerate() {
+        let key = 0x1D1E_0000 + n as u64;
+        if let Err(e) = round_trip(s, key, 300, 300).and_then(|_| finish(s)) {
+            errors.push(format!("idle flow {n}: {e}"));
+        }
+    }
+    for (n, s) in late_reply.iter_mut().enumerate() {
+        let mut reply = [0u8; 16];
+        let want_digest = digest(&pattern_vec(0x1A7E_0000 + n as u64, LATE_REQUEST));
+        let outcome = s
+            .read_exact(&mut reply)
+            .map_err(|e| format!("reading the reply: {e}"))
+            .and_then(|()| {
+                let len = u64::from_le_bytes(reply[..8].try_into().unwrap());
+                let got = u64::from_le_bytes(reply[8..].try_into().unwrap());
+                if len != LATE_REQUEST as u64 || got != want_digest {
+                    return Err(format!("the backend got {len} bytes (digest {got:x})"));
+                }
+                expect_closed(s, CLOSE_TIMEOUT).and_then(|(how, _)| match how {
+                    Closed::Eof => Ok(()),
+                    other => Err(format!("ended with {other:?}")),
+                })
+            });
+        if let Err(e) = outcome {
+            errors.push(format!("late-reply flow {n}: {e}"));
+        }
+    }
+    for (n, s) in slow.iter_mut().enumerate() {
+        if let Err(e) = read_pattern_to_eof(s, 0x5107_0000 + n as u64, SLOW_BYTES) {
+            errors.push(format!("slow reader {n}: {e}"));
+        }
+    }
+    for (n, s) in mid_connect.iter_mut().enumerate() {
+        if let Err(e) = round_trip(s, 0x31D0_0000 + n as u64, 500, 500).and_then(|_| finish(s)) {
+            errors.push(format!("mid-connect flow {n}: {e}"));
+        }
+    }
+    let slowest = Duration::from_micros(active.slowest_us.load(Ordering::SeqCst));
+    let trips = active.trips();
+    active.stop();
+    let served = newcomers.stop();
+    eprintln!("{trips} round trips on {ACTIVE} flows, slowest {slowest:?}; {served} new clients");
+    let errors = errors.all();
+    if !errors.is_empty() && std::env::var("RINGWAY_TEST_KEEP_LOGS").is_ok() {
+        for p in retired.iter().chain([&proxy]) {
+            let _ = std::fs::write(format!("/tmp/uh-proc-{}.log", p.pid()), p.stderr());
+        }
+    }
+    assert!(
+        errors.is_empty(),
+        "{} errors across three upgrades, first ones:\n{}\n{}",
+        errors.len(),
+        errors[..errors.len().min(20)].join("\n"),
+        proxy.stderr_tail()
+    );
+    proxy.assert_running();
+}
