@@ -407,8 +407,11 @@ impl Flow {
             self.release_if_idle(ops);
             return;
         }
-        if self.quiescing && res == -libc::ECANCELED {
-            return; // cancelled by `quiesce`: the rest of the preface is still to send
+        if res == -libc::ECANCELED {
+            // Cancelled by `quiesce`: the rest of the preface is still to send (now, if the
+            // flow was resumed meanwhile).
+            self.send_preface_or_start_upload(ops);
+            return;
         }
         if res <= 0 {
             self.abort_reset(Side::Backend, ops);
@@ -524,8 +527,9 @@ impl Flow {
                         ops.push(Op::WaitForBuffers);
                     }
                     libc::EINTR | libc::EAGAIN => self.rearm_if_room(from, tight, ops),
-                    // Cancelled by `quiesce`: nothing was read.
-                    libc::ECANCELED if self.quiescing => {}
+                    // Cancelled by `quiesce` (only closing and quiescing cancel a recv): nothing
+                    // was read. Re-armed if the flow was resumed meanwhile.
+                    libc::ECANCELED => self.rearm_if_room(from, tight, ops),
                     libc::ECONNRESET | libc::EPIPE | libc::ETIMEDOUT | libc::EHOSTUNREACH => {
                         self.abort_reset(from, ops)
                     }
@@ -552,9 +556,11 @@ impl Flow {
             self.release_if_idle(ops);
             return;
         }
-        if self.quiescing && !reclaimed && res == -libc::ECANCELED {
-            // Cancelled by `quiesce` before a byte went out: still the oldest bytes to send.
+        if !reclaimed && res == -libc::ECANCELED {
+            // Cancelled by `quiesce` before a byte went out: still the oldest bytes to send
+            // (sent now if the flow was resumed meanwhile).
             pipe.queue.push_front(chunk);
+            self.pump(from, ops);
             return;
         }
         if reclaimed && res == -libc::ECANCELED {
@@ -2019,5 +2025,25 @@ mod tests {
             ]
         );
         assert_eq!(f.bytes(), (1005, 0));
+    }
+
+    #[test]
+    fn a_flow_resumed_before_its_cancels_complete_carries_on() {
+        let (mut f, mut ops) = relaying();
+        data(&mut f, Client, 100, 1, &mut ops);
+        take(&mut ops);
+        f.quiesce(&mut ops);
+        take(&mut ops);
+        f.resume(false, &mut ops);
+        assert!(ops.is_empty(), "everything is still in flight: {ops:?}");
+        ended(&mut f, Client, -libc::ECANCELED, &mut ops);
+        assert_eq!(take(&mut ops), [recv(Client)]);
+        f.on_send(Backend, -libc::ECANCELED, false, &mut ops);
+        assert_eq!(take(&mut ops), [send(Backend, 1, 0, 100)]);
+        f.on_cancel_done(&mut ops);
+        f.on_cancel_done(&mut ops);
+        f.on_cancel_done(&mut ops);
+        assert!(ops.is_empty());
+        assert_eq!(f.phase(), Phase::Relaying);
     }
 }

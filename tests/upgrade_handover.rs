@@ -469,7 +469,12 @@ fn expect_handed_over(old: &mut Proxy, new: &Proxy) {
         "{}",
         old.stderr_tail()
     );
-    // Bytes were waiting in the proxy at the handover (slow readers, a backend not reading).
+    wait_log(new, "waiting for a successor", Duration::from_secs(60));
+}
+
+/// Bytes were waiting in the old process at the handover (slow readers, a backend not
+/// reading) and went with the flows.
+fn expect_pending_bytes_moved(old: &Proxy) {
     let log = old.stderr();
     let in_flight: u64 = log
         .split(" bytes read and not yet written")
@@ -482,7 +487,6 @@ fn expect_handed_over(old: &mut Proxy, new: &Proxy) {
         "no pending bytes moved\n{}",
         old.stderr_tail()
     );
-    wait_log(new, "waiting for a successor", Duration::from_secs(60));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -556,6 +560,7 @@ fn three_upgrades_under_load_keep_every_flow_byte_exact() {
     wait_log(&proxy, "handing over the flows", Duration::from_secs(30));
     late.open(Arc::clone(&mux.gate));
     expect_handed_over(&mut proxy, &next);
+    expect_pending_bytes_moved(&proxy);
     retired.push(std::mem::replace(&mut proxy, next));
     for (n, s) in mid_connect.iter_mut().enumerate() {
         round_trip(s, 0x31D0_0000 + n as u64, 0, 500)
@@ -567,6 +572,7 @@ fn three_upgrades_under_load_keep_every_flow_byte_exact() {
     let from = newcomers.ok();
     next = Proxy::start(&takeover(args(&backends, 3, &socket)));
     expect_handed_over(&mut proxy, &next);
+    expect_pending_bytes_moved(&proxy);
     retired.push(std::mem::replace(&mut proxy, next));
     mux.gate.open(); // the late-reply backends read and answer now
     active.progress(2, "after the second upgrade", &proxy);
@@ -574,6 +580,7 @@ fn three_upgrades_under_load_keep_every_flow_byte_exact() {
     // Upgrade 3: fewer workers than listeners handed over.
     next = Proxy::start(&takeover(args(&backends, 2, &socket)));
     expect_handed_over(&mut proxy, &next);
+    expect_pending_bytes_moved(&proxy);
     retired.push(std::mem::replace(&mut proxy, next));
     active.progress(2, "after the third upgrade", &proxy);
     assert!(
@@ -639,4 +646,291 @@ fn three_upgrades_under_load_keep_every_flow_byte_exact() {
         proxy.stderr_tail()
     );
     proxy.assert_running();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Failures and refusals
+// ---------------------------------------------------------------------------------------------
+
+/// The last line the process wrote, which must be its one-line error.
+fn last_line(text: &str) -> String {
+    text.lines().last().unwrap_or_default().to_string()
+}
+
+/// Echo flows on `addr`, one round trip each.
+fn echo_flows(addr: SocketAddr, ips: &[IpAddr], count: usize, key: u64) -> Vec<TcpStream> {
+    (0..count)
+        .map(|n| {
+            let mut s = open_flow(addr, ips, n, ECHO).unwrap();
+            round_trip(&mut s, key + n as u64, 0, 200).unwrap();
+            s
+        })
+        .collect()
+}
+
+/// Each flow echoes one more message at `pos` (then its position is `pos + 200`).
+fn still_echo(flows: &mut [TcpStream], key: u64, pos: u64, proxy: &Proxy) {
+    for (n, s) in flows.iter_mut().enumerate() {
+        round_trip(s, key + n as u64, pos, 200)
+            .unwrap_or_else(|e| panic!("flow {n}: {e}\n{}", proxy.stderr_tail()));
+    }
+}
+
+fn fake_successor(socket: &Path) -> ringway::handover::fds::Conn {
+    use ringway::handover::{fds::Conn, protocol::Message};
+    let mut conn = Conn::new(std::os::unix::net::UnixStream::connect(socket).unwrap());
+    conn.set_timeout(Some(Duration::from_secs(30))).unwrap();
+    let (hello, _) = conn.recv().unwrap();
+    assert_eq!(hello, Message::Hello { version: 1 });
+    conn
+}
+
+/// A successor that takes the listeners and the first batch, then dies before acknowledging
+/// it: every flow stays on the old process, which accepts again; a later upgrade works.
+#[test]
+fn a_successor_dying_before_its_ack_leaves_every_flow_on_the_old_process() {
+    use ringway::handover::protocol::Message;
+    let dir = TempDir::new("handover-dies");
+    let socket = dir.path().join("upgrade.sock");
+    let mux = Mux::start();
+    let backends = vec![mux.addr.to_string()];
+    let ips = [client_ip(1)];
+    let mut proxy = Proxy::start(&args(&backends, 2, &socket));
+    wait_log(&proxy, "waiting for a successor", Duration::from_secs(10));
+    let key = 0xD1E5_0000;
+    let mut flows = echo_flows(proxy.addr, &ips, 300, key);
+
+    let mut conn = fake_successor(&socket);
+    conn.send(&Message::Speak { version: 1 }, &[]).unwrap();
+    let (listeners, fds) = conn.recv().unwrap();
+    assert!(
+        matches!(listeners, Message::Listeners { count: 2, .. }),
+        "{listeners:?}"
+    );
+    assert_eq!(fds.len(), 2);
+    conn.send(&Message::Ready, &[]).unwrap();
+    let (batch, fds) = conn.recv().unwrap();
+    assert!(matches!(batch, Message::Flows { .. }), "{batch:?}");
+    assert!(!fds.is_empty());
+    drop((conn, fds, listeners)); // dies: no ack
+
+    wait_log(&proxy, "handover failed", Duration::from_secs(30));
+    still_echo(&mut flows, key, 200, &proxy);
+    let mut fresh = echo_flows(proxy.addr, &ips, 20, key + 1000);
+
+    let next = Proxy::start(&takeover(args(&backends, 2, &socket)));
+    expect_handed_over(&mut proxy, &next);
+    still_echo(&mut flows, key, 400, &next);
+    still_echo(&mut fresh, key + 1000, 200, &next);
+    for s in flows.iter_mut().chain(&mut fresh) {
+        finish(s).unwrap();
+    }
+}
+
+/// SIGKILL of a real successor while the old process waits for flows still connecting: those
+/// flows (not handed over yet) keep working on the old process, which logs why; the next
+/// upgrade moves them.
+#[test]
+fn sigkill_of_the_successor_mid_handover_keeps_the_flows_not_handed_over() {
+    let dir = TempDir::new("handover-sigkill");
+    let socket = dir.path().join("upgrade.sock");
+    let late = LateBackend::new();
+    let gate = Arc::new(Gate::default());
+    let backends = vec![late.addr.to_string()];
+    let ips = [client_ip(1)];
+    let mut proxy = Proxy::start(&args(&backends, 2, &socket));
+    wait_log(&proxy, "waiting for a successor", Duration::from_secs(10));
+    let mut connecting: Vec<TcpStream> = (0..5)
+        .map(|n| open_flow(proxy.addr, &ips, n, ECHO).unwrap())
+        .collect();
+
+    let mut successor = Proxy::start(&takeover(args(&backends, 2, &socket)));
+    wait_log(&proxy, "handing over the flows", Duration::from_secs(30));
+    successor.signal(libc::SIGKILL);
+    let _ = successor.wait_exit(Duration::from_secs(10));
+    wait_log(&proxy, "handover failed", Duration::from_secs(30));
+    assert!(
+        proxy
+            .stderr()
+            .contains("the successor closed the connection"),
+        "{}",
+        proxy.stderr_tail()
+    );
+    late.open(gate);
+    let key = 0x5167_0000;
+    still_echo(&mut connecting, key, 0, &proxy);
+    proxy.assert_running();
+
+    let next = Proxy::start(&takeover(args(&backends, 2, &socket)));
+    expect_handed_over(&mut proxy, &next);
+    still_echo(&mut connecting, key, 200, &next);
+    for s in &mut connecting {
+        finish(s).unwrap();
+    }
+}
+
+/// The socket file: a stale one is replaced, a live one refuses a second fresh process, a
+/// successor without a process to take over from fails, and a process of another user is
+/// refused (SO_PEERCRED) while the flows go on.
+#[test]
+fn the_upgrade_socket_admits_only_its_own_successor() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let dir = TempDir::new("handover-socket");
+    let socket = dir.path().join("upgrade.sock");
+    let mux = Mux::start();
+    let backends = vec![mux.addr.to_string()];
+
+    // Nobody there.
+    let out = run_to_exit(
+        &takeover(args(&backends, 1, &socket)),
+        Duration::from_secs(20),
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert!(
+        last_line(&out.stderr).contains("--takeover: no Ringway process at"),
+        "{}",
+        out.stderr
+    );
+
+    // A stale file left by a dead process is replaced.
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    assert!(socket.exists());
+    let mut proxy = Proxy::start(&args(&backends, 1, &socket));
+    wait_log(&proxy, "waiting for a successor", Duration::from_secs(10));
+    assert!(
+        proxy.stderr().contains("removing a stale socket"),
+        "{}",
+        proxy.stderr()
+    );
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    // A live one: a second fresh process fails.
+    let out = run_to_exit(&args(&backends, 1, &socket), Duration::from_secs(20));
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert!(
+        last_line(&out.stderr).contains("another Ringway is running there"),
+        "{}",
+        out.stderr
+    );
+
+    // Another user, even with the file opened up, is refused by its credentials.
+    let ips = [client_ip(1)];
+    let key = 0x0DD0_0000;
+    let mut flows = echo_flows(proxy.addr, &ips, 10, key);
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let mut intruder = std::process::Command::new(bin());
+    intruder
+        .args(takeover(args(&backends, 1, &socket)))
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null());
+    // SAFETY: setgid/setuid are async-signal-safe; they run in the child before exec.
+    unsafe {
+        intruder.pre_exec(|| {
+            if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = intruder.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        last_line(&stderr).contains("refused the handover: uid 65534 may not take over"),
+        "{stderr}"
+    );
+    wait_log(
+        &proxy,
+        "refused a process of uid 65534",
+        Duration::from_secs(10),
+    );
+    still_echo(&mut flows, key, 200, &proxy);
+    proxy.assert_running();
+}
+
+/// While one successor is being dealt with, a second is refused in one line; the first one's
+/// departure leaves the old process serving, ready for the next.
+#[test]
+fn a_second_successor_at_once_is_refused() {
+    let dir = TempDir::new("handover-two");
+    let socket = dir.path().join("upgrade.sock");
+    let mux = Mux::start();
+    let backends = vec![mux.addr.to_string()];
+    let mut proxy = Proxy::start(&args(&backends, 1, &socket));
+    wait_log(&proxy, "waiting for a successor", Duration::from_secs(10));
+    let first = fake_successor(&socket); // says hello, then nothing yet
+    let out = run_to_exit(
+        &takeover(args(&backends, 1, &socket)),
+        Duration::from_secs(20),
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert!(
+        last_line(&out.stderr).contains("a handover to another process is already in progress"),
+        "{}",
+        out.stderr
+    );
+    drop(first);
+    wait_log(&proxy, "connected and left", Duration::from_secs(10));
+    let key = 0x2222_0000;
+    let mut flows = echo_flows(proxy.addr, &[client_ip(1)], 10, key);
+    let next = Proxy::start(&takeover(args(&backends, 1, &socket)));
+    expect_handed_over(&mut proxy, &next);
+    still_echo(&mut flows, key, 200, &next);
+}
+
+/// Versions: a successor that cannot read the old process's handover says so in one line and
+/// starts on listeners of its own; an old process whose successor cannot read it drains.
+#[test]
+fn an_unreadable_handover_version_falls_back_to_a_drain() {
+    use ringway::handover::{fds::Conn, protocol::Message};
+    let dir = TempDir::new("handover-version");
+    let mux = Mux::start();
+    let backends = vec![mux.addr.to_string()];
+
+    // A (pretend) old process from the future.
+    let future = dir.path().join("future.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&future).unwrap();
+    let old = thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let mut conn = Conn::new(stream);
+        conn.set_timeout(Some(Duration::from_secs(30))).unwrap();
+        conn.send(&Message::Hello { version: 99 }, &[]).unwrap();
+        conn.recv().unwrap().0
+    });
+    let successor = Proxy::start(&takeover(args(&backends, 1, &future)));
+    assert_eq!(old.join().unwrap(), Message::CannotRead { reads: 1 });
+    let line = successor
+        .stderr()
+        .lines()
+        .find(|l| l.contains("speaks handover version 99"))
+        .map(str::to_string);
+    assert!(
+        line.as_deref()
+            .is_some_and(|l| l.contains("reads version 1 only")),
+        "{}",
+        successor.stderr()
+    );
+    let mut s = open_flow(successor.addr, &[client_ip(1)], 0, ECHO).unwrap();
+    round_trip(&mut s, 0x9999, 0, 100).unwrap();
+
+    // A real old process whose successor cannot read it: it drains, as on SIGTERM.
+    let socket = dir.path().join("upgrade.sock");
+    let mut proxy = Proxy::start(&args(&backends, 1, &socket));
+    wait_log(&proxy, "waiting for a successor", Duration::from_secs(10));
+    let mut flow = open_flow(proxy.addr, &[client_ip(1)], 0, ECHO).unwrap();
+    round_trip(&mut flow, 0x7777, 0, 100).unwrap();
+    let mut conn = fake_successor(&socket);
+    conn.send(&Message::CannotRead { reads: 0 }, &[]).unwrap();
+    wait_log(&proxy, "falling back to a drain", Duration::from_secs(10));
+    // A live flow finishes during the drain; then the process exits 0.
+    round_trip(&mut flow, 0x7777, 100, 100).unwrap();
+    finish(&mut flow).unwrap();
+    let status = proxy.wait_exit(Duration::from_secs(30));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}\n{}",
+        proxy.stderr_tail()
+    );
 }

@@ -67,7 +67,17 @@ impl UpgradeServer {
             .spawn(move || {
                 for stream in listener.incoming() {
                     match stream {
-                        Ok(stream) => greet(stream, &thread_busy, &tx),
+                        // A thread each, so that one that takes its time to answer cannot keep
+                        // a second one from being told that a handover is in progress.
+                        Ok(stream) => {
+                            let (busy, tx) = (Arc::clone(&thread_busy), tx.clone());
+                            let greeter = std::thread::Builder::new()
+                                .name("ringway-upgrade-greet".into())
+                                .spawn(move || greet(stream, &busy, &tx));
+                            if let Err(e) = greeter {
+                                warn!("--upgrade-socket: cannot answer a successor: {e}");
+                            }
+                        }
                         Err(e) => warn!("--upgrade-socket: accept failed: {e}"),
                     }
                 }
