@@ -54,6 +54,8 @@ pub struct Control {
     pub upgrades: Receiver<crate::handover::old::Incoming>,
     /// Everything was handed to a successor: the workers are ending on purpose.
     pub handed_over: bool,
+    /// When the successor was told it has everything, to report how long exiting took.
+    pub handed_over_at: Option<Instant>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -71,9 +71,13 @@ pub fn run(config: crate::config::Config) -> Result<(), StartError> {
     if let Some(server) = &control.upgrade {
         server.remove_socket();
     }
+    let handed_over_at = control.handed_over_at;
     // Closes the event channel: a worker still ending does not wait to report it to nobody.
     drop(control);
     threads.shutdown();
+    if let Some(at) = handed_over_at {
+        info!("exiting {:.1?} after the handover", at.elapsed());
+    }
     if outcome.is_ok() {
         info!("stopped");
     }

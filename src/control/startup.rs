@@ -241,6 +241,7 @@ fn start_threads(
         upgrade: None,
         upgrades: crossbeam_channel::never(),
         handed_over: false,
+        handed_over_at: None,
     })
 }
 

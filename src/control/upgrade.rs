@@ -95,8 +95,13 @@ impl Before {
             let drain = control.config.drain_timeout;
             let mut removed: HashSet<String> = HashSet::new();
             let mut adopted = 0;
-            let outcome =
-                new::adopt_flows(&mut conn, &mut threads.workers, &mut adopted, |batch| {
+            let pauses = crate::handover::Pauses::new();
+            let outcome = new::adopt_flows(
+                &mut conn,
+                &mut threads.workers,
+                &mut adopted,
+                &pauses,
+                |batch| {
                     for flow in batch {
                         if let Some(name) = &flow.state.backend {
                             if !name.is_empty() && !known.contains(name.as_str()) {
@@ -104,12 +109,24 @@ impl Before {
                             }
                         }
                     }
-                });
-            if let Err(e) = outcome {
-                warn!(
+                },
+            );
+            // The workers record each flow as they resume it: wait (briefly) for the last ones.
+            let deadline = Instant::now() + std::time::Duration::from_secs(2);
+            while pauses.count() < adopted && Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            let pause = if adopted > 0 {
+                format!("; pause per flow {}", pauses.summary())
+            } else {
+                String::new()
+            };
+            match outcome {
+                Ok(()) => info!("--takeover: handover complete: {adopted} flows adopted{pause}"),
+                Err(e) => warn!(
                     "--takeover: the handover broke off ({e}); serving the {adopted} flows \
-                     adopted so far (the old process resumes the rest)"
-                );
+                     adopted so far{pause} (the old process resumes the rest)"
+                ),
             }
             if !removed.is_empty() {
                 let mut names: Vec<String> = removed.into_iter().collect();
@@ -165,6 +182,7 @@ impl Control {
                 ) {
                     Ok(_) => {
                         self.handed_over = true;
+                        self.handed_over_at = Some(Instant::now());
                         threads.workers.broadcast(|| Command::Stop);
                         Next::Exit
                     }

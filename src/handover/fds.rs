@@ -212,6 +212,7 @@ mod tests {
                 },
                 PipeState::default(),
             ],
+            quiesced_at: 0,
         };
         let sender = std::thread::spawn(move || {
             for (i, (reader, writer)) in pipes.iter().enumerate() {

@@ -50,6 +50,50 @@ pub enum Exported {
     Drained { worker: usize },
 }
 
+/// How long adopted flows stood still: from the moment the old process stopped moving their
+/// bytes to the moment this process moves them again (receives re-armed, pending bytes sent).
+pub struct Pauses {
+    micros: std::sync::Mutex<hdrhistogram::Histogram<u64>>,
+}
+
+impl Pauses {
+    pub fn new() -> std::sync::Arc<Pauses> {
+        let histogram = hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3)
+            .expect("valid histogram bounds");
+        std::sync::Arc::new(Pauses {
+            micros: std::sync::Mutex::new(histogram),
+        })
+    }
+
+    /// Flows resumed at `now` (CLOCK_MONOTONIC ns) that stood still since each `quiesced_at`.
+    pub fn record(&self, now: u64, quiesced_at: impl IntoIterator<Item = u64>) {
+        let Ok(mut histogram) = self.micros.lock() else {
+            return;
+        };
+        for at in quiesced_at {
+            let _ = histogram.record((now.saturating_sub(at) / 1000).max(1));
+        }
+    }
+
+    pub fn count(&self) -> u64 {
+        self.micros.lock().map_or(0, |h| h.len())
+    }
+
+    /// `p50 .., p99 .., max ..` in milliseconds.
+    pub fn summary(&self) -> String {
+        let Ok(h) = self.micros.lock() else {
+            return String::new();
+        };
+        let ms = |us: u64| us as f64 / 1000.0;
+        format!(
+            "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            ms(h.value_at_quantile(0.5)),
+            ms(h.value_at_quantile(0.99)),
+            ms(h.max())
+        )
+    }
+}
+
 /// A flow received from the previous process, for a worker to adopt.
 pub struct Adopted {
     pub state: FlowState,

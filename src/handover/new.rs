@@ -84,6 +84,7 @@ pub fn adopt_flows(
     conn: &mut Conn,
     workers: &mut WorkerPool,
     adopted: &mut u64,
+    pauses: &std::sync::Arc<super::Pauses>,
     mut on_batch: impl FnMut(&[Adopted]),
 ) -> Result<(), String> {
     conn.send(&Message::Ready, &[])
@@ -124,14 +125,12 @@ pub fn adopt_flows(
                 }
                 for (worker, flows) in per_worker.into_iter().enumerate() {
                     if !flows.is_empty() {
-                        workers.send_to(worker, Command::Adopt(flows));
+                        workers
+                            .send_to(worker, Command::Adopt(flows, std::sync::Arc::clone(pauses)));
                     }
                 }
             }
-            Ok((Message::Done { flows }, _)) => {
-                info!("--takeover: handover complete: {flows} flows adopted");
-                return Ok(());
-            }
+            Ok((Message::Done { .. }, _)) => return Ok(()),
             Ok((other, _)) => return Err(format!("unexpected {}", other.name())),
             Err(e) => return Err(e.to_string()),
         }

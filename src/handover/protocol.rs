@@ -82,6 +82,9 @@ pub struct FlowState {
     pub connect_time: Option<Duration>,
     /// Upload (client -> backend), then download.
     pub pipes: [PipeState; 2],
+    /// When the old process stopped moving the flow's bytes (CLOCK_MONOTONIC, nanoseconds;
+    /// the same clock in both processes): the successor measures the pause from it.
+    pub quiesced_at: u64,
 }
 
 impl FlowState {
@@ -200,6 +203,7 @@ fn encode_flow(w: &mut Writer, flow: &FlowState) {
     w.u64(micros(flow.age));
     w.u64(micros(flow.idle));
     w.u64(flow.connect_time.map_or(u64::MAX, micros));
+    w.u64(flow.quiesced_at);
     for pipe in &flow.pipes {
         w.u8(u8::from(pipe.eof) | (u8::from(pipe.shutdown_done) << 1));
         w.u32(pipe.pending.len() as u32);
@@ -308,6 +312,7 @@ fn decode_flow(r: &mut Reader) -> Result<FlowState, ProtocolError> {
         u64::MAX => None,
         us => Some(Duration::from_micros(us)),
     };
+    let quiesced_at = r.u64()?;
     let mut pipes: [PipeState; 2] = Default::default();
     for pipe in &mut pipes {
         let flags = r.u8()?;
@@ -324,7 +329,19 @@ fn decode_flow(r: &mut Reader) -> Result<FlowState, ProtocolError> {
         idle,
         connect_time,
         pipes,
+        quiesced_at,
     })
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: one clock for every process of the host.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we pass and nothing else.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000) + ts.tv_nsec as u64
 }
 
 struct Writer(Vec<u8>);
@@ -427,6 +444,7 @@ mod tests {
                     pending: Vec::new(),
                 },
             ],
+            quiesced_at: 123_456_789,
         }
     }
 

@@ -25,8 +25,9 @@ use socket2::{SockRef, Socket};
 
 use crate::balance::flow_key_hash;
 use crate::flow::{AdoptedPipe, Data, Flow};
+use crate::handover::protocol::monotonic_ns;
 use crate::handover::protocol::{FlowState, PipeState};
-use crate::handover::{Adopted, Exported, FlowHandle};
+use crate::handover::{Adopted, Exported, FlowHandle, Pauses};
 
 use super::token::{self};
 use super::{AcceptState, Slot, Worker};
@@ -36,18 +37,30 @@ use super::{AcceptState, Slot, Worker};
 pub enum Mark {
     /// Not being handed over.
     No,
-    /// Quiescing: exported once nothing is in flight.
-    Pending,
+    /// Quiescing since this CLOCK_MONOTONIC time (ns): exported once nothing is in flight.
+    Pending(u64),
     /// Exported to the control thread; the successor may own it any moment. Nothing here
     /// touches it (no timeout, no close) until it is released or the handover fails.
     Exported,
 }
 
+/// Flows of a worker quiescing or exported but not released at once.
+const WINDOW: usize = 128;
+
 /// This worker's side of a handover in progress.
 pub struct Progress {
     exports: Sender<Exported>,
+    /// When the handover began (CLOCK_MONOTONIC ns).
+    started_ns: u64,
     /// Flows marked `Pending`.
     pending: usize,
+    /// Flows exported and not released yet.
+    unreleased: usize,
+    /// Flows that have not started quiescing yet, oldest first: a flow stands still from its
+    /// quiesce until the successor resumes it, so flows are quiesced a window at a time
+    /// (`WINDOW`), not all at once (with 9,800 flows quiesced together the last ones waited
+    /// for the whole handover, 160 ms).
+    waiting: std::collections::VecDeque<(usize, u32)>,
     drained_sent: bool,
 }
 
@@ -60,14 +73,17 @@ impl Worker {
         }
         self.handover = Some(Progress {
             exports,
+            started_ns: monotonic_ns(),
             pending: 0,
+            unreleased: 0,
+            waiting: self
+                .slots
+                .iter()
+                .map(|(i, slot)| (i, slot.generation))
+                .collect(),
             drained_sent: false,
         });
         self.cancel_accept();
-        let indices: Vec<usize> = self.slots.iter().map(|(i, _)| i).collect();
-        for index in indices {
-            self.join_handover(index);
-        }
         self.handover_turn();
     }
 
@@ -82,7 +98,7 @@ impl Worker {
         if slot.handover != Mark::No || slot.flow.phase() == crate::flow::Phase::Closing {
             return;
         }
-        slot.handover = Mark::Pending;
+        slot.handover = Mark::Pending(monotonic_ns());
         progress.pending += 1;
         let generation = slot.generation;
         let mut ops = std::mem::take(&mut self.ops);
@@ -94,7 +110,7 @@ impl Worker {
 
     /// A released slot leaves the handover's count.
     pub(super) fn handover_forget(&mut self, mark: Mark) {
-        if let (Mark::Pending, Some(progress)) = (mark, self.handover.as_mut()) {
+        if let (Mark::Pending(_), Some(progress)) = (mark, self.handover.as_mut()) {
             progress.pending -= 1;
         }
     }
@@ -102,6 +118,22 @@ impl Worker {
     /// Once per event-loop turn during a handover: hand over connections accepted but not
     /// started, and say `Drained` when nothing is left to export.
     pub(super) fn handover_turn(&mut self) {
+        // Quiesce the next flows while the window has room.
+        while let Some(progress) = self.handover.as_mut() {
+            if progress.pending + progress.unreleased >= WINDOW {
+                break;
+            }
+            let Some((index, generation)) = progress.waiting.pop_front() else {
+                break;
+            };
+            if self
+                .slots
+                .get(index)
+                .is_some_and(|s| s.generation == generation)
+            {
+                self.join_handover(index);
+            }
+        }
         let accepting = matches!(self.accept, AcceptState::Armed | AcceptState::Cancelling);
         if accepting {
             return;
@@ -120,6 +152,7 @@ impl Worker {
                 idle: Duration::ZERO,
                 connect_time: None,
                 pipes: Default::default(),
+                quiesced_at: self.handover.as_ref().map_or(0, |p| p.started_ns),
             };
             if let Some(progress) = &self.handover {
                 let _ = progress.exports.send(Exported::Unstarted {
@@ -131,7 +164,7 @@ impl Worker {
         }
         let id = self.id;
         if let Some(progress) = self.handover.as_mut() {
-            if progress.pending == 0 && !progress.drained_sent {
+            if progress.pending == 0 && progress.waiting.is_empty() && !progress.drained_sent {
                 progress.drained_sent = true;
                 let _ = progress.exports.send(Exported::Drained { worker: id });
             }
@@ -143,14 +176,15 @@ impl Worker {
         let Some(slot) = self.slots.get(index) else {
             return;
         };
-        if slot.generation != generation
-            || slot.handover != Mark::Pending
-            || !slot.flow.is_quiesced()
-        {
+        let Mark::Pending(quiesced_at) = slot.handover else {
+            return;
+        };
+        if slot.generation != generation || !slot.flow.is_quiesced() {
             return;
         }
         let idle = self.idle_elapsed(slot.last_active);
-        let state = describe(slot, &self.bufring, idle);
+        let mut state = describe(slot, &self.bufring, idle);
+        state.quiesced_at = quiesced_at;
         let slot = &mut self.slots[index];
         let Some(backend) = slot.backend.as_ref().map(|s| s.as_raw_fd()) else {
             return; // relaying always has a backend socket
@@ -168,6 +202,7 @@ impl Worker {
         slot.handover = Mark::Exported;
         if let Some(progress) = self.handover.as_mut() {
             progress.pending -= 1;
+            progress.unreleased += 1;
             let _ = progress.exports.send(exported);
         }
     }
@@ -185,6 +220,9 @@ impl Worker {
                 Some(slot)
                     if slot.generation == handle.generation && slot.handover == Mark::Exported => {}
                 _ => continue,
+            }
+            if let Some(progress) = self.handover.as_mut() {
+                progress.unreleased = progress.unreleased.saturating_sub(1);
             }
             let mut ops = std::mem::take(&mut self.ops);
             self.slots[index].flow.hand_off(&mut ops);
@@ -230,14 +268,19 @@ impl Worker {
     }
 
     /// Flows from the previous process.
-    pub(super) fn adopt(&mut self, flows: Vec<Adopted>) {
+    pub(super) fn adopt(&mut self, flows: Vec<Adopted>, pauses: &Pauses) {
+        let mut quiesced_at = Vec::with_capacity(flows.len());
         for adopted in flows {
+            quiesced_at.push(adopted.state.quiesced_at);
             match adopted.backend {
                 None => self.parked.push_back(adopted.client),
                 Some(backend) => self.adopt_flow(adopted.state, adopted.client, backend),
             }
         }
         self.resume_accepting();
+        // The receives and sends just queued reach the kernel at once, not at the next turn.
+        let _ = self.ring.submit();
+        pauses.record(monotonic_ns(), quiesced_at);
     }
 
     fn adopt_flow(&mut self, state: FlowState, client: OwnedFd, backend: OwnedFd) {
@@ -384,5 +427,6 @@ fn describe(slot: &Slot, bufring: &super::bufring::BufRing, idle: Duration) -> F
         idle,
         connect_time: slot.connect_time,
         pipes,
+        quiesced_at: 0,
     }
 }

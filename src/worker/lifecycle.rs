@@ -47,7 +47,7 @@ impl Worker {
                 Command::Handover { exports } => self.start_handover(exports),
                 Command::Release(handles) => self.release_handed_over(handles),
                 Command::Resume(unstarted) => self.resume_after_handover(unstarted),
-                Command::Adopt(flows) => self.adopt(flows),
+                Command::Adopt(flows, pauses) => self.adopt(flows, &pauses),
             }
         }
         if res > 0 && !self.hard_stop {

@@ -71,7 +71,7 @@ pub enum Command {
     /// accepted connections that were not started.
     Resume(Vec<OwnedFd>),
     /// Flows handed over by the previous process: relay them from where they stood.
-    Adopt(Vec<crate::handover::Adopted>),
+    Adopt(Vec<crate::handover::Adopted>, Arc<crate::handover::Pauses>),
 }
 
 /// Everything a worker needs, handed over when its thread starts.
