@@ -934,3 +934,33 @@ fn an_unreadable_handover_version_falls_back_to_a_drain() {
         proxy.stderr_tail()
     );
 }
+
+/// `--admin` on the same address in both processes: the successor can bind it while the old
+/// process still holds it, and the metrics count the adopted flows as active.
+#[test]
+fn the_admin_endpoint_moves_with_the_upgrade() {
+    use common::admin::{http_get, metric, parse_metrics};
+    let dir = TempDir::new("handover-admin");
+    let socket = dir.path().join("upgrade.sock");
+    let mux = Mux::start();
+    let backends = vec![mux.addr.to_string()];
+    let admin = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    let with_admin = |mut v: Vec<String>| {
+        v.extend(["--admin".into(), admin.to_string()]);
+        v
+    };
+    let mut proxy = Proxy::start(&with_admin(args(&backends, 1, &socket)));
+    wait_log(&proxy, "waiting for a successor", Duration::from_secs(10));
+    let key = 0xAD31_0000;
+    let mut flows = echo_flows(proxy.addr, &[client_ip(1)], 7, key);
+    let next = Proxy::start(&with_admin(takeover(args(&backends, 1, &socket))));
+    expect_handed_over(&mut proxy, &next);
+    let (status, body) = http_get(admin, "/metrics");
+    assert_eq!(status, 200, "{body}");
+    let active = metric(&parse_metrics(&body), "ringway_flows_active", &[]);
+    assert_eq!(active, 7.0, "{body}");
+    still_echo(&mut flows, key, 200, &next);
+}

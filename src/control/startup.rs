@@ -93,7 +93,7 @@ fn start_threads(
         .map_err(|e| StartError(format!("cannot listen on {listen}: {e}")))?;
     let admin_listener = match config.admin {
         Some(addr) => Some(
-            std::net::TcpListener::bind(addr)
+            super::upgrade::bind_admin(addr, config.upgrade_socket.is_some())
                 .map_err(|e| StartError(format!("--admin: cannot listen on {addr}: {e}")))?,
         ),
         None => None,

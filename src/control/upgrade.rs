@@ -8,6 +8,7 @@
 //! workers are stopped (they hold nothing any more) and the process exits 0.
 
 use std::collections::HashSet;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -200,6 +201,25 @@ impl Control {
             }
         }
     }
+}
+
+/// The admin listener. With `--upgrade-socket` it is shared (SO_REUSEPORT) so that a successor
+/// can bind the same `--admin` address while this process still holds it; for that moment a
+/// scrape reaches either process.
+pub fn bind_admin(addr: SocketAddr, shared: bool) -> std::io::Result<std::net::TcpListener> {
+    if !shared {
+        return std::net::TcpListener::bind(addr);
+    }
+    let socket = Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(128)?;
+    Ok(socket.into())
 }
 
 /// The listeners handed over, for `workers` workers: with more workers, new SO_REUSEPORT
