@@ -964,3 +964,135 @@ fn the_admin_endpoint_moves_with_the_upgrade() {
     assert_eq!(active, 7.0, "{body}");
     still_echo(&mut flows, key, 200, &next);
 }
+
+/// A successor that takes a batch and then says nothing: after 5 s the old process gives up on
+/// it, never commits the batch, and every flow carries on where it was.
+#[test]
+fn a_successor_that_stalls_is_given_up_and_never_gets_a_commit() {
+    use ringway::handover::protocol::Message;
+    let dir = TempDir::new("handover-stall");
+    let socket = dir.path().join("upgrade.sock");
+    let mux = Mux::start();
+    let backends = vec![mux.addr.to_string()];
+    let mut proxy = Proxy::start(&args(&backends, 1, &socket));
+    wait_log(&proxy, "waiting for a successor", Duration::from_secs(10));
+    let key = 0x57A1_0000;
+    let mut flows = echo_flows(proxy.addr, &[client_ip(1)], 50, key);
+    let mut conn = fake_successor(&socket);
+    conn.send(&Message::Speak { version: 1 }, &[]).unwrap();
+    let _listeners = conn.recv().unwrap();
+    conn.send(&Message::Ready, &[]).unwrap();
+    let (batch, _fds) = conn.recv().unwrap();
+    assert!(matches!(batch, Message::Flows { .. }), "{batch:?}");
+    // Stalled: no ack. The old process gives up and closes the connection without a commit.
+    let next = conn.recv();
+    assert!(
+        next.is_err(),
+        "the old process sent {next:?} to a successor that never acked"
+    );
+    wait_log(&proxy, "handover failed", Duration::from_secs(10));
+    still_echo(&mut flows, key, 200, &proxy);
+    for s in &mut flows {
+        finish(s).unwrap();
+    }
+    proxy.assert_running();
+}
+
+/// A flow keeps its backend across the upgrade even when the successor's flags do not have it;
+/// such flows then close at the successor's --drain-timeout, the others carry on.
+#[test]
+fn flows_on_a_backend_the_successor_lacks_follow_its_drain_timeout() {
+    let dir = TempDir::new("handover-removed");
+    let socket = dir.path().join("upgrade.sock");
+    let (kept, removed) = (Mux::start(), Mux::start());
+    let both = vec![kept.addr.to_string(), removed.addr.to_string()];
+    let map = mapping(&both);
+    let ip_of = |name: &str| *map.iter().find(|(_, b)| *b == name).unwrap().0;
+    let (kept_ip, removed_ip) = (ip_of(&both[0]), ip_of(&both[1]));
+    let mut proxy = Proxy::start(&args(&both, 1, &socket));
+    wait_log(&proxy, "waiting for a successor", Duration::from_secs(10));
+    let key = 0xDEAD_0000;
+    let mut staying = echo_flows(proxy.addr, &[kept_ip], 5, key);
+    let mut leaving = echo_flows(proxy.addr, &[removed_ip], 5, key + 100);
+    let mut successor_args = takeover(args(&both[..1], 1, &socket));
+    successor_args.extend(["--drain-timeout".into(), "1s".into()]);
+    let next = Proxy::start(&successor_args);
+    expect_handed_over(&mut proxy, &next);
+    wait_log(
+        &next,
+        "close in 1s (--drain-timeout)",
+        Duration::from_secs(10),
+    );
+    still_echo(&mut staying, key, 200, &next);
+    for (n, s) in leaving.iter_mut().enumerate() {
+        match expect_closed(s, Duration::from_secs(10)) {
+            Ok((Closed::Reset, _)) => {}
+            other => panic!(
+                "flow {n} on the removed backend: {other:?}\n{}",
+                next.stderr_tail()
+            ),
+        }
+    }
+    still_echo(&mut staying, key, 400, &next);
+}
+
+/// The successor's access log tells the truth about an adopted flow: the client address from
+/// its PROXY header, the bytes both processes moved, a duration from the original accept.
+#[test]
+fn the_access_log_of_an_adopted_flow_counts_from_its_first_accept() {
+    let dir = TempDir::new("handover-log");
+    let socket = dir.path().join("upgrade.sock");
+    let log_path = dir.path().join("access.log");
+    let mux = Mux::start();
+    let backends = vec![mux.addr.to_string()];
+    let edge = |mut v: Vec<String>| {
+        v.extend([
+            "--accept-proxy".into(),
+            "--trusted-proxy".into(),
+            "127.0.0.0/8".into(),
+        ]);
+        v
+    };
+    let mut proxy = Proxy::start(&edge(args(&backends, 1, &socket)));
+    wait_log(&proxy, "waiting for a successor", Duration::from_secs(10));
+    let opened = Instant::now();
+    let mut s = connect(proxy.addr).unwrap();
+    s.write_all(b"PROXY TCP4 192.0.2.7 198.51.100.1 5555 443\r\n")
+        .unwrap();
+    s.write_all(&[ECHO]).unwrap();
+    round_trip(&mut s, 0x1065, 0, 200).unwrap();
+    let before = opened.elapsed();
+    let mut successor_args = edge(takeover(args(&backends, 1, &socket)));
+    successor_args.extend(["--access-log".into(), log_path.display().to_string()]);
+    let next = Proxy::start(&successor_args);
+    expect_handed_over(&mut proxy, &next);
+    round_trip(&mut s, 0x1065, 200, 200).unwrap();
+    finish(&mut s).unwrap();
+    let lived = opened.elapsed();
+    let mut line = String::new();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            line = std::fs::read_to_string(&log_path).unwrap_or_default();
+            line.contains('\n')
+        }),
+        "no access-log line\n{}",
+        next.stderr_tail()
+    );
+    assert!(line.contains("\"client\":\"192.0.2.7:5555\""), "{line}");
+    assert!(
+        line.contains(&format!("\"backend\":\"{}\"", mux.addr)),
+        "{line}"
+    );
+    assert!(line.contains("\"bytes_client_to_backend\":401,"), "{line}");
+    assert!(line.contains("\"bytes_backend_to_client\":400,"), "{line}");
+    let duration_ms: f64 = line
+        .split("\"duration_ms\":")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no duration in {line}"));
+    assert!(
+        duration_ms >= before.as_secs_f64() * 1000.0 && duration_ms <= lived.as_secs_f64() * 1000.0 + 50.0,
+        "duration {duration_ms} ms, the flow lived {lived:?} ({before:?} before the upgrade): {line}"
+    );
+}
