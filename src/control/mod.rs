@@ -66,7 +66,11 @@ pub fn run(config: crate::config::Config) -> Result<(), StartError> {
     let mut upgrade = upgrade::Before::start(&config)?;
     let (mut control, mut threads) =
         startup::start(config, backends, signals, upgrade.listeners())?;
-    upgrade.after_start(&mut control, &mut threads)?;
+    if let Err(e) = upgrade.after_start(&mut control, &mut threads) {
+        drop(control);
+        threads.shutdown();
+        return Err(e);
+    }
     let outcome = control.run(&mut threads);
     if let Some(server) = &control.upgrade {
         server.remove_socket();

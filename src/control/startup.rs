@@ -77,7 +77,7 @@ fn start_threads(
     let listeners = match inherited {
         Some(inherited) => {
             let (listeners, count) =
-                super::upgrade::use_inherited(inherited, workers, backlog, &edge)?;
+                super::upgrade::use_inherited(inherited, workers, backlog, &edge, listen)?;
             workers = count;
             listeners
         }

@@ -124,6 +124,14 @@ impl Before {
             };
             match outcome {
                 Ok(()) => info!("--takeover: handover complete: {adopted} flows adopted{pause}"),
+                // Nothing moved: the old process carries on with everything; leave it alone.
+                Err(e) if adopted == 0 => {
+                    return Err(StartError(format!(
+                        "--takeover: the handover broke off before any flow moved ({e}); the \
+                         process at {} keeps serving",
+                        path.display()
+                    )))
+                }
                 Err(e) => warn!(
                     "--takeover: the handover broke off ({e}); serving the {adopted} flows \
                      adopted so far{pause} (the old process resumes the rest)"
@@ -231,6 +239,7 @@ pub fn use_inherited(
     workers: usize,
     backlog: i32,
     edge: &Edge,
+    listen: SocketAddr,
 ) -> Result<(Vec<Socket>, usize), StartError> {
     let fail =
         |e: std::io::Error| StartError(format!("--takeover: the listeners handed over: {e}"));
@@ -238,6 +247,12 @@ pub fn use_inherited(
         .first()
         .ok_or_else(|| StartError("--takeover: no listener was handed over".into()))?;
     let addr = net::local_addr(first).map_err(fail)?;
+    if listen != addr && !(listen.port() == 0 && listen.ip() == addr.ip()) {
+        warn!(
+            "--listen {listen} differs from the listeners handed over ({addr}): serving {addr} \
+             (to move to another address, start fresh and upgrade with SIGTERM)"
+        );
+    }
     for listener in &listeners {
         listener.set_nonblocking(true).map_err(fail)?;
         edge.configure_listener(listener).map_err(fail)?;
