@@ -1096,3 +1096,104 @@ fn the_access_log_of_an_adopted_flow_counts_from_its_first_accept() {
         "duration {duration_ms} ms, the flow lived {lived:?} ({before:?} before the upgrade): {line}"
     );
 }
+
+/// A real peer we did not write: iperf3 streams both ways at full speed (two streams each way
+/// and its control connection) while the proxy is upgraded under it, and finishes cleanly.
+#[test]
+fn iperf3_streaming_both_ways_survives_an_upgrade() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    if Command::new("iperf3").arg("--version").output().is_err() {
+        panic!("iperf3 is not installed (apt-get install iperf3; scripts/test.sh installs it)");
+    }
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let mut server = Command::new("iperf3")
+        .args(["-s", "-1", "-B", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let backend = format!("127.0.0.1:{port}");
+    let dir = TempDir::new("handover-iperf3");
+    let socket = dir.path().join("upgrade.sock");
+    let backends = vec![backend.clone()];
+    let mut proxy = Proxy::start(&args(&backends, 2, &socket));
+    wait_log(&proxy, "waiting for a successor", Duration::from_secs(10));
+    // Listening (state 0A in /proc/net/tcp): a probe connection would count as its one client.
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            std::fs::read_to_string("/proc/net/tcp").is_ok_and(|t| {
+                t.lines()
+                    .any(|l| l.contains(&format!(":{port:04X} 00000000:0000 0A")))
+            })
+        }),
+        "iperf3 -s did not start"
+    );
+    let mut client = Command::new("iperf3")
+        .args(["-c", "127.0.0.1", "-p", &proxy.addr.port().to_string()])
+        .args(["-t", "3", "-P", "2", "--bidir", "-i", "0.5", "--forceflush"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    let stdout = client.stdout.take().unwrap();
+    let reader = thread::spawn(move || {
+        let mut all = Vec::new();
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line.clone());
+            all.push(line);
+        }
+        all.join("\n")
+    });
+    // Upgrade once the streams carry data (the first interval report).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let line = lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("iperf3 printed no interval report");
+        if line.contains("0.00-0.50") {
+            break;
+        }
+    }
+    let next = Proxy::start(&takeover(args(&backends, 2, &socket)));
+    expect_handed_over(&mut proxy, &next);
+    assert!(
+        wait_until(Duration::from_secs(30), || client
+            .try_wait()
+            .ok()
+            .flatten()
+            .is_some()),
+        "iperf3 did not finish"
+    );
+    let status = client.wait().unwrap();
+    let output = reader.join().unwrap();
+    let mut stderr = String::new();
+    client
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(
+        status.success() && output.contains("iperf Done.") && !output.contains("error"),
+        "iperf3 across the upgrade: {status}\n{output}\n{stderr}\n{}",
+        next.stderr_tail()
+    );
+    let moved = proxy.stderr();
+    eprintln!(
+        "{}",
+        moved
+            .lines()
+            .find(|l| l.contains("flows moved"))
+            .unwrap_or_default()
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+}
