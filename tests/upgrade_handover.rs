@@ -1106,32 +1106,44 @@ fn iperf3_streaming_both_ways_survives_an_upgrade() {
     if Command::new("iperf3").arg("--version").output().is_err() {
         panic!("iperf3 is not installed (apt-get install iperf3; scripts/test.sh installs it)");
     }
-    let port = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap().port()
+    // A free port for `iperf3 -s`, tried again if another process takes it first. Listening is
+    // read from /proc/net/tcp (state 0A): a probe connection would count as its one client.
+    let listening = |port: u16| {
+        std::fs::read_to_string("/proc/net/tcp").is_ok_and(|t| {
+            t.lines()
+                .any(|l| l.contains(&format!(":{port:04X} 00000000:0000 0A")))
+        })
     };
-    let mut server = Command::new("iperf3")
-        .args(["-s", "-1", "-B", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let (mut server, port) = (0..5)
+        .find_map(|_| {
+            let port = {
+                let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                probe.local_addr().unwrap().port()
+            };
+            let mut server = Command::new("iperf3")
+                .args(["-s", "-1", "-B", "127.0.0.1", "-p", &port.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let up = wait_until(Duration::from_secs(10), || {
+                listening(port) || server.try_wait().ok().flatten().is_some()
+            });
+            if up && server.try_wait().ok().flatten().is_none() {
+                Some((server, port))
+            } else {
+                let _ = server.kill();
+                let _ = server.wait();
+                None
+            }
+        })
+        .expect("iperf3 -s did not start on any of 5 ports");
     let backend = format!("127.0.0.1:{port}");
     let dir = TempDir::new("handover-iperf3");
     let socket = dir.path().join("upgrade.sock");
     let backends = vec![backend.clone()];
     let mut proxy = Proxy::start(&args(&backends, 2, &socket));
     wait_log(&proxy, "waiting for a successor", Duration::from_secs(10));
-    // Listening (state 0A in /proc/net/tcp): a probe connection would count as its one client.
-    assert!(
-        wait_until(Duration::from_secs(10), || {
-            std::fs::read_to_string("/proc/net/tcp").is_ok_and(|t| {
-                t.lines()
-                    .any(|l| l.contains(&format!(":{port:04X} 00000000:0000 0A")))
-            })
-        }),
-        "iperf3 -s did not start"
-    );
     let mut client = Command::new("iperf3")
         .args(["-c", "127.0.0.1", "-p", &proxy.addr.port().to_string()])
         .args(["-t", "3", "-P", "2", "--bidir", "-i", "0.5", "--forceflush"])
@@ -1155,11 +1167,20 @@ fn iperf3_streaming_both_ways_survives_an_upgrade() {
     // Upgrade once the streams carry data (the first interval report).
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let line = lines
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("iperf3 printed no interval report");
-        if line.contains("0.00-0.50") {
-            break;
+        match lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) if line.contains("0.00-0.50") => break,
+            Ok(_) => {}
+            Err(e) => {
+                let _ = client.kill();
+                let _ = client.wait();
+                let mut stderr = String::new();
+                let _ = client.stderr.take().unwrap().read_to_string(&mut stderr);
+                panic!(
+                    "iperf3 printed no interval report ({e}):\n{}\n{stderr}\n{}",
+                    reader.join().unwrap_or_default(),
+                    proxy.stderr_tail()
+                );
+            }
         }
     }
     let next = Proxy::start(&takeover(args(&backends, 2, &socket)));
