@@ -86,6 +86,10 @@ impl Before {
             return Ok(());
         };
         if let Some(mut conn) = self.conn.take() {
+            // Under systemd (Type=notify, NotifyAccess=all, the successor started by
+            // ExecReload), this is where the successor reports MAINPID= its own PID: it holds
+            // the listeners, and the old main process cannot exit before `adopt_flows` below
+            // has told it we are ready. See docs/operations.md, "Upgrades that keep every flow".
             let known: HashSet<Arc<str>> = control
                 .backends
                 .snapshot()
