@@ -210,7 +210,6 @@ pub fn hand_over(
         batch: 0,
         moved: 0,
         pending_bytes: 0,
-        carried: None,
     };
     match shipper.run(workers) {
         Ok(()) => {
@@ -239,8 +238,6 @@ struct Shipper {
     moved: u64,
     /// Bytes read and not yet written, in the flows moved.
     pending_bytes: u64,
-    /// An export that did not fit in the last batch.
-    carried: Option<Exported>,
 }
 
 type Failure = (String, Vec<(usize, OwnedFd)>);
@@ -258,20 +255,21 @@ impl Shipper {
                 if states.len() >= BATCH_FLOWS || bytes >= BATCH_BYTES {
                     break;
                 }
-                let next = match self.carried.take() {
-                    Some(e) => e,
-                    None if first && self.workers_left > 0 => match self.next_export() {
+                // The size is checked before taking an export, so none is ever left over.
+                let next = if first && self.workers_left > 0 {
+                    match self.next_export() {
                         Ok(Some(e)) => e,
                         Ok(None) => {
                             self.workers_left = 0;
                             break;
                         }
                         Err(e) => return Err((e, owned(shipped))),
-                    },
-                    None => match self.exports.try_recv() {
+                    }
+                } else {
+                    match self.exports.try_recv() {
                         Ok(e) => e,
                         Err(_) => break,
-                    },
+                    }
                 };
                 first = false;
                 match next {
@@ -383,9 +381,6 @@ impl Shipper {
             }
         };
         for (worker, fd) in unsent {
-            give_back(worker, fd);
-        }
-        if let Some(Exported::Unstarted { worker, fd, .. }) = self.carried.take() {
             give_back(worker, fd);
         }
         while let Ok(e) = self.exports.try_recv() {
