@@ -1218,3 +1218,77 @@ fn iperf3_streaming_both_ways_survives_an_upgrade() {
     let _ = server.kill();
     let _ = server.wait();
 }
+
+/// A flow still reading its PROXY header when the handover starts finishes the header (and
+/// its connect) in the old process, then moves; nothing of it is lost.
+#[test]
+fn a_flow_mid_proxy_header_finishes_it_then_moves() {
+    let dir = TempDir::new("handover-header");
+    let socket = dir.path().join("upgrade.sock");
+    let mux = Mux::start();
+    let backends = vec![mux.addr.to_string()];
+    let edge = |mut v: Vec<String>| {
+        v.extend([
+            "--accept-proxy".into(),
+            "--trusted-proxy".into(),
+            "127.0.0.0/8".into(),
+            "--proxy-header-timeout".into(),
+            "30s".into(),
+        ]);
+        v
+    };
+    let mut proxy = Proxy::start(&edge(args(&backends, 1, &socket)));
+    wait_log(&proxy, "waiting for a successor", Duration::from_secs(10));
+    let mut s = connect(proxy.addr).unwrap();
+    s.write_all(b"PROXY TCP4 192.0.2.9 198.51.").unwrap();
+    let next = Proxy::start(&edge(takeover(args(&backends, 1, &socket))));
+    wait_log(&proxy, "handing over the flows", Duration::from_secs(30));
+    s.write_all(b"100.1 6666 443\r\n").unwrap();
+    s.write_all(&[ECHO]).unwrap();
+    expect_handed_over(&mut proxy, &next);
+    assert!(
+        proxy.stderr().contains("handover complete: 1 flows moved"),
+        "{}",
+        proxy.stderr()
+    );
+    round_trip(&mut s, 0x4EAD, 0, 300).unwrap();
+    finish(&mut s).unwrap();
+}
+
+/// A successor whose old process breaks off before any flow moved gives up in one line (exit
+/// 1) and leaves the old process alone.
+#[test]
+fn a_successor_that_gets_no_flow_exits_1() {
+    use ringway::handover::{fds::Conn, protocol::Message};
+    use std::os::fd::AsRawFd;
+    let dir = TempDir::new("handover-noflow");
+    let path = dir.path().join("old.sock");
+    let unix = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let old = thread::spawn(move || {
+        let (stream, _) = unix.accept().unwrap();
+        let mut conn = Conn::new(stream);
+        conn.set_timeout(Some(Duration::from_secs(30))).unwrap();
+        conn.send(&Message::Hello { version: 1 }, &[]).unwrap();
+        assert_eq!(conn.recv().unwrap().0, Message::Speak { version: 1 });
+        let listeners = Message::Listeners {
+            addr: tcp.local_addr().unwrap().to_string(),
+            count: 1,
+        };
+        conn.send(&listeners, &[tcp.as_raw_fd()]).unwrap();
+        assert_eq!(conn.recv().unwrap().0, Message::Ready);
+        // ... and the old process goes away.
+    });
+    let backends = vec![Mux::start().addr.to_string()];
+    let out = run_to_exit(
+        &takeover(args(&backends, 1, &path)),
+        Duration::from_secs(30),
+    );
+    old.join().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert!(
+        last_line(&out.stderr).contains("the handover broke off before any flow moved"),
+        "{}",
+        out.stderr
+    );
+}
