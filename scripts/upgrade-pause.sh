@@ -62,7 +62,9 @@ until [ -s "$work/ready" ]; do
     kill -0 "$idle" 2>/dev/null || die "ringway-load idle ended: $(tail -3 "$work/idle.log")"
     sleep 0.1
 done
-log "$(cat "$work/ready") flows open and checked"
+opened=$(cat "$work/ready")
+[ "$opened" -eq "$flows" ] || die "only $opened of $flows flows opened (a loaded machine? try fewer)"
+log "$opened flows open and checked"
 
 for round in $(seq 1 "$rounds"); do
     start_bg "$work/proxy-$round.log" "$bin" "${proxy_args[@]}" --takeover

@@ -45,7 +45,7 @@ pub enum Mark {
 }
 
 /// Flows of a worker quiescing or exported but not released at once.
-const WINDOW: usize = 128;
+const WINDOW: usize = 64;
 
 /// This worker's side of a handover in progress.
 pub struct Progress {
@@ -59,7 +59,7 @@ pub struct Progress {
     /// Flows that have not started quiescing yet, oldest first: a flow stands still from its
     /// quiesce until the successor resumes it, so flows are quiesced a window at a time
     /// (`WINDOW`), not all at once (with 9,800 flows quiesced together the last ones waited
-    /// for the whole handover, 160 ms).
+    /// for the whole handover, 160 ms; a window of 64 gave p99 15-31 ms, 128 gave 16-37 ms).
     waiting: std::collections::VecDeque<(usize, u32)>,
     drained_sent: bool,
 }
