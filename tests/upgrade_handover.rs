@@ -1292,3 +1292,55 @@ fn a_successor_that_gets_no_flow_exits_1() {
         out.stderr
     );
 }
+
+/// With a tight buffer pool, stalled readers' bytes sit in heap spills: those move too, exactly.
+#[test]
+fn spilled_bytes_of_stalled_readers_move_exactly() {
+    use common::admin::{http_get, metric, parse_metrics};
+    let dir = TempDir::new("handover-spill");
+    let socket = dir.path().join("upgrade.sock");
+    let mux = Mux::start();
+    let backends = vec![mux.addr.to_string()];
+    let admin = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    let tight = |mut v: Vec<String>| {
+        v.extend([
+            "--buffers".into(),
+            "16".into(),
+            "--admin".into(),
+            admin.to_string(),
+        ]);
+        v
+    };
+    let mut proxy = Proxy::start(&tight(args(&backends, 1, &socket)));
+    wait_log(&proxy, "waiting for a successor", Duration::from_secs(10));
+    const READERS: usize = 24;
+    const BYTES: u64 = 4 << 20;
+    let mut readers: Vec<TcpStream> = (0..READERS)
+        .map(|n| {
+            let mut s = slow_reader(proxy.addr, client_ip(1));
+            let mut head = (0x5B11_0000 + n as u64).to_le_bytes().to_vec();
+            head.extend_from_slice(&BYTES.to_le_bytes());
+            s.write_all(&head).unwrap();
+            s
+        })
+        .collect();
+    let spilled = || {
+        let (_, body) = http_get(admin, "/metrics");
+        metric(&parse_metrics(&body), "ringway_spill_bytes", &[])
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), || spilled() > 0.0),
+        "no bytes in spills\n{}",
+        proxy.stderr_tail()
+    );
+    let next = Proxy::start(&tight(takeover(args(&backends, 1, &socket))));
+    expect_handed_over(&mut proxy, &next);
+    expect_pending_bytes_moved(&proxy);
+    for (n, s) in readers.iter_mut().enumerate() {
+        read_pattern_to_eof(s, 0x5B11_0000 + n as u64, BYTES)
+            .unwrap_or_else(|e| panic!("reader {n}: {e}\n{}", next.stderr_tail()));
+    }
+}
