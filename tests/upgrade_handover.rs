@@ -892,8 +892,16 @@ fn an_unreadable_handover_version_falls_back_to_a_drain() {
     // A (pretend) old process from the future.
     let future = dir.path().join("future.sock");
     let listener = std::os::unix::net::UnixListener::bind(&future).unwrap();
+    listener.set_nonblocking(true).unwrap();
     let old = thread::spawn(move || {
-        let (stream, _) = listener.accept().unwrap();
+        let mut accepted = None;
+        // Bounded: a successor that never connects fails the test instead of hanging it.
+        wait_until(Duration::from_secs(30), || {
+            accepted = listener.accept().ok();
+            accepted.is_some()
+        });
+        let (stream, _) = accepted.expect("the successor did not connect");
+        stream.set_nonblocking(false).unwrap();
         let mut conn = Conn::new(stream);
         conn.set_timeout(Some(Duration::from_secs(30))).unwrap();
         conn.send(&Message::Hello { version: 99 }, &[]).unwrap();
@@ -1265,8 +1273,18 @@ fn a_successor_that_gets_no_flow_exits_1() {
     let path = dir.path().join("old.sock");
     let unix = std::os::unix::net::UnixListener::bind(&path).unwrap();
     let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    unix.set_nonblocking(true).unwrap();
     let old = thread::spawn(move || {
-        let (stream, _) = unix.accept().unwrap();
+        let mut accepted = None;
+        // Bounded: a successor that never connects fails the test instead of hanging it.
+        wait_until(Duration::from_secs(30), || {
+            accepted = unix.accept().ok();
+            accepted.is_some()
+        });
+        let Some((stream, _)) = accepted else {
+            return;
+        };
+        stream.set_nonblocking(false).unwrap();
         let mut conn = Conn::new(stream);
         conn.set_timeout(Some(Duration::from_secs(30))).unwrap();
         conn.send(&Message::Hello { version: 1 }, &[]).unwrap();
