@@ -1122,7 +1122,7 @@ fn iperf3_streaming_both_ways_survives_an_upgrade() {
                 .any(|l| l.contains(&format!(":{port:04X} 00000000:0000 0A")))
         })
     };
-    let (mut server, port) = (0..5)
+    let (server, port) = (0..5)
         .find_map(|_| {
             let port = {
                 let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1138,7 +1138,7 @@ fn iperf3_streaming_both_ways_survives_an_upgrade() {
                 listening(port) || server.try_wait().ok().flatten().is_some()
             });
             if up && server.try_wait().ok().flatten().is_none() {
-                Some((server, port))
+                Some((KillOnDrop(server), port))
             } else {
                 let _ = server.kill();
                 let _ = server.wait();
@@ -1152,15 +1152,17 @@ fn iperf3_streaming_both_ways_survives_an_upgrade() {
     let backends = vec![backend.clone()];
     let mut proxy = Proxy::start(&args(&backends, 2, &socket));
     wait_log(&proxy, "waiting for a successor", Duration::from_secs(10));
-    let mut client = Command::new("iperf3")
-        .args(["-c", "127.0.0.1", "-p", &proxy.addr.port().to_string()])
-        .args(["-t", "3", "-P", "2", "--bidir", "-i", "0.5", "--forceflush"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut client = KillOnDrop(
+        Command::new("iperf3")
+            .args(["-c", "127.0.0.1", "-p", &proxy.addr.port().to_string()])
+            .args(["-t", "3", "-P", "2", "--bidir", "-i", "0.5", "--forceflush"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let (tx, lines) = std::sync::mpsc::channel();
-    let stdout = client.stdout.take().unwrap();
+    let stdout = client.0.stdout.take().unwrap();
     let reader = thread::spawn(move || {
         let mut all = Vec::new();
         for line in std::io::BufReader::new(stdout)
@@ -1179,10 +1181,10 @@ fn iperf3_streaming_both_ways_survives_an_upgrade() {
             Ok(line) if line.contains("0.00-0.50") => break,
             Ok(_) => {}
             Err(e) => {
-                let _ = client.kill();
-                let _ = client.wait();
+                let _ = client.0.kill();
+                let _ = client.0.wait();
                 let mut stderr = String::new();
-                let _ = client.stderr.take().unwrap().read_to_string(&mut stderr);
+                let _ = client.0.stderr.take().unwrap().read_to_string(&mut stderr);
                 panic!(
                     "iperf3 printed no interval report ({e}):\n{}\n{stderr}\n{}",
                     reader.join().unwrap_or_default(),
@@ -1195,16 +1197,18 @@ fn iperf3_streaming_both_ways_survives_an_upgrade() {
     expect_handed_over(&mut proxy, &next);
     assert!(
         wait_until(Duration::from_secs(30), || client
+            .0
             .try_wait()
             .ok()
             .flatten()
             .is_some()),
         "iperf3 did not finish"
     );
-    let status = client.wait().unwrap();
+    let status = client.0.wait().unwrap();
     let output = reader.join().unwrap();
     let mut stderr = String::new();
     client
+        .0
         .stderr
         .take()
         .unwrap()
@@ -1223,8 +1227,18 @@ fn iperf3_streaming_both_ways_survives_an_upgrade() {
             .find(|l| l.contains("flows moved"))
             .unwrap_or_default()
     );
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
+}
+
+/// A child process of the test, killed (by its PID) and reaped when the test ends, passed or
+/// not.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// A flow still reading its PROXY header when the handover starts finishes the header (and
