@@ -7,7 +7,8 @@
 #   procps        sysctl
 #   dnsmasq-base  a real DNS server for --backend-dns
 #   nginx         a real PROXY protocol peer for --send-proxy
-#   iperf3        real bulk transfers through the proxy (tests/real_peers.rs)
+#   iperf3        real bulk transfers through the proxy (tests/real_peers.rs, and across an
+#                 upgrade handover in tests/upgrade_handover.rs)
 #   redis-server  a real request/response server (tests/real_peers.rs)
 #   redis-tools   redis-benchmark and redis-cli against it
 #   curl          a real TCP Fast Open client (tests/tcp_fastopen.rs)

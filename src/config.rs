@@ -215,6 +215,14 @@ pub struct Flags {
     /// print the version and exit
     #[argh(switch)]
     pub version: bool,
+
+    /// a Unix socket where this process waits for its successor (created 0600; same uid or root only); see --takeover
+    #[argh(option)]
+    pub upgrade_socket: Option<String>,
+
+    /// take the listeners and every live flow over from the process at --upgrade-socket instead of binding (exit 1 if none is there)
+    #[argh(switch)]
+    pub takeover: bool,
 }
 
 /// One backend as configured. `name` is its identity for hashing: the address text exactly as
@@ -299,6 +307,10 @@ pub struct Config {
     /// Time between the first stop signal (`/ready` turns 503) and closing the listeners.
     pub drain_delay: Duration,
     pub edge: EdgeConfig,
+    /// `--upgrade-socket`: where this process waits for its successor.
+    pub upgrade_socket: Option<std::path::PathBuf>,
+    /// `--takeover`: receive listeners and flows from the process at `upgrade_socket`.
+    pub takeover: bool,
 }
 
 /// PROXY protocol version.
@@ -704,6 +716,16 @@ impl Config {
         let drain_delay =
             optional_duration("--drain-delay", &flags.drain_delay)?.unwrap_or(Duration::ZERO);
         let edge = edge_from_flags(flags)?;
+        let upgrade_socket = match flags.upgrade_socket.as_deref() {
+            Some("") => return Err(flag_error("--upgrade-socket", "needs a path")),
+            other => other.map(std::path::PathBuf::from),
+        };
+        if flags.takeover && upgrade_socket.is_none() {
+            return Err(flag_error(
+                "--takeover",
+                "needs --upgrade-socket PATH (where the running process waits)",
+            ));
+        }
         let access_log = match flags.access_log.as_deref() {
             Some("") => return Err(flag_error("--access-log", "needs a path or - for stdout")),
             other => other.map(str::to_string),
@@ -739,6 +761,8 @@ impl Config {
             shutdown_timeout,
             drain_delay,
             edge,
+            upgrade_socket,
+            takeover: flags.takeover,
         })
     }
 }

@@ -301,6 +301,9 @@ pub struct Flow {
     preface_in_flight: bool,
     ending: Option<Ending>,
     released: bool,
+    /// Being handed to a successor process (see `quiesce`): no recv is armed and no send
+    /// started; what is in flight is cancelled.
+    quiescing: bool,
 }
 
 impl Flow {
@@ -323,6 +326,7 @@ impl Flow {
             preface_in_flight: false,
             ending: None,
             released: false,
+            quiescing: false,
         }
     }
 
@@ -403,6 +407,12 @@ impl Flow {
             self.release_if_idle(ops);
             return;
         }
+        if res == -libc::ECANCELED {
+            // Cancelled by `quiesce`: the rest of the preface is still to send (now, if the
+            // flow was resumed meanwhile).
+            self.send_preface_or_start_upload(ops);
+            return;
+        }
         if res <= 0 {
             self.abort_reset(Side::Backend, ops);
             return;
@@ -413,6 +423,9 @@ impl Flow {
     }
 
     fn send_preface_or_start_upload(&mut self, ops: &mut Vec<Op>) {
+        if self.quiescing {
+            return;
+        }
         if self.preface_sent < self.preface_len {
             self.preface_in_flight = true;
             ops.push(Op::SendPreface {
@@ -521,6 +534,9 @@ impl Flow {
                         ops.push(Op::WaitForBuffers);
                     }
                     libc::EINTR | libc::EAGAIN => self.rearm_if_room(from, tight, ops),
+                    // Cancelled by `quiesce` (only closing and quiescing cancel a recv): nothing
+                    // was read. Re-armed if the flow was resumed meanwhile.
+                    libc::ECANCELED => self.rearm_if_room(from, tight, ops),
                     libc::ECONNRESET | libc::EPIPE | libc::ETIMEDOUT | libc::EHOSTUNREACH => {
                         self.abort_reset(from, ops)
                     }
@@ -545,6 +561,13 @@ impl Flow {
                 ops.push(Op::ReturnBuffer(buf));
             }
             self.release_if_idle(ops);
+            return;
+        }
+        if !reclaimed && res == -libc::ECANCELED {
+            // Cancelled by `quiesce` before a byte went out: still the oldest bytes to send
+            // (sent now if the flow was resumed meanwhile).
+            pipe.queue.push_front(chunk);
+            self.pump(from, ops);
             return;
         }
         if reclaimed && res == -libc::ECANCELED {
@@ -592,7 +615,7 @@ impl Flow {
     /// its stalled sends hold (cancel them; `on_send` then moves their bytes to the spill).
     /// Returns whether anything was asked.
     pub fn reclaim(&mut self, ops: &mut Vec<Op>) -> bool {
-        if self.phase != Phase::Relaying {
+        if self.phase != Phase::Relaying || self.quiescing {
             return false;
         }
         let mut asked = false;
@@ -791,6 +814,9 @@ impl Flow {
     }
 
     fn arm_recv(&mut self, side: Side, tight: bool, ops: &mut Vec<Op>) {
+        if self.quiescing {
+            return;
+        }
         let pipe = &mut self.pipes[side.pipe()];
         pipe.recv = RecvState::Armed;
         ops.push(Op::Recv {
@@ -828,7 +854,7 @@ impl Flow {
     /// Start the next send of the pipe reading `from`, or the shutdown after its EOF.
     fn pump(&mut self, from: Side, ops: &mut Vec<Op>) {
         let pipe = &mut self.pipes[from.pipe()];
-        if pipe.sending.is_some() {
+        if pipe.sending.is_some() || self.quiescing {
             return;
         }
         if let Some(chunk) = pipe.queue.pop_front() {
@@ -839,6 +865,148 @@ impl Flow {
         }
     }
 }
+/// One direction of a quiesced flow, for the handover (`Flow::export`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PipeExport {
+    /// The source sent EOF.
+    pub eof: bool,
+    /// The destination's shutdown(SHUT_WR) has completed.
+    pub shutdown_done: bool,
+    /// Bytes read and not yet written, oldest first: `(data, offset, len)`.
+    pub pending: Vec<(Data, u32, u32)>,
+}
+
+/// The state an adopted flow starts from (handed over by the previous process).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AdoptedPipe {
+    pub eof: bool,
+    pub shutdown_done: bool,
+    /// Bytes waiting in the pipe's spill, written before anything is read.
+    pub pending: u32,
+    /// Bytes delivered so far, for counters.
+    pub bytes: u64,
+}
+
+/// Handing a flow to another process: quiesce it, describe it, then either let it go or take
+/// it back. Adopting one from the previous process.
+impl Flow {
+    /// Stops moving bytes so the flow can be handed over: armed recvs and sends (and a preface
+    /// send) in flight are cancelled, and none is started again until `resume`. A flow still
+    /// reading a PROXY header or connecting carries on until it relays, then stops there.
+    /// A cancelled send either completed (its bytes count as sent) or sent nothing.
+    pub fn quiesce(&mut self, ops: &mut Vec<Op>) {
+        if self.quiescing || self.phase == Phase::Closing {
+            return;
+        }
+        self.quiescing = true;
+        if self.phase != Phase::Relaying {
+            return;
+        }
+        let mut targets = Vec::new();
+        for from in [Side::Client, Side::Backend] {
+            let pipe = &self.pipes[from.pipe()];
+            if pipe.recv == RecvState::Armed {
+                targets.push(Target::Recv(from));
+            }
+            if pipe.sending.is_some() && !pipe.reclaiming {
+                targets.push(Target::Send(from.other()));
+            }
+        }
+        if self.preface_in_flight {
+            targets.push(Target::Preface);
+        }
+        self.cancel(&targets, ops);
+    }
+
+    /// Quiesced and relaying with nothing in flight: ready to be handed over.
+    pub fn is_quiesced(&self) -> bool {
+        self.quiescing && self.phase == Phase::Relaying && self.ops_in_flight() == 0
+    }
+
+    /// The preface bytes not sent yet (`offset..len` of the worker's preface).
+    pub fn preface_left(&self) -> (u32, u32) {
+        (self.preface_sent, self.preface_len)
+    }
+
+    /// What a quiesced flow holds, upload (client -> backend) first. The flow is unchanged, so
+    /// it can still `resume` if the handover fails.
+    pub fn export(&self) -> [PipeExport; 2] {
+        [UPLOAD, DOWNLOAD].map(|i| {
+            let pipe = &self.pipes[i];
+            PipeExport {
+                eof: pipe.recv == RecvState::Eof,
+                shutdown_done: pipe.shutdown == ShutdownState::Done,
+                pending: pipe
+                    .queue
+                    .iter()
+                    .map(|c| (c.data, c.offset, c.len - c.offset))
+                    .collect(),
+            }
+        })
+    }
+
+    /// The successor owns the flow now: give back the buffers and spills this process held
+    /// for it. Nothing may be in flight (`is_quiesced`).
+    pub fn hand_off(&mut self, ops: &mut Vec<Op>) {
+        self.released = true;
+        self.phase = Phase::Closing;
+        for from in [Side::Client, Side::Backend] {
+            let pipe = &mut self.pipes[from.pipe()];
+            for chunk in pipe.queue.drain(..) {
+                if let Some(buf) = chunk.buffer() {
+                    ops.push(Op::ReturnBuffer(buf));
+                }
+            }
+            if pipe.spill_len > 0 {
+                pipe.spill_len = 0;
+                ops.push(Op::DropSpill(from));
+            }
+        }
+    }
+
+    /// Moves bytes again after `quiesce` (the handover failed), or for the first time in this
+    /// process (an adopted flow): queued bytes first, then receives.
+    pub fn resume(&mut self, tight: bool, ops: &mut Vec<Op>) {
+        if !std::mem::take(&mut self.quiescing) || self.phase != Phase::Relaying {
+            return;
+        }
+        self.pump(Side::Backend, ops);
+        self.rearm_if_room(Side::Backend, tight, ops);
+        self.pump(Side::Client, ops);
+        if self.preface_sent < self.preface_len {
+            self.send_preface_or_start_upload(ops);
+        } else {
+            self.rearm_if_room(Side::Client, tight, ops);
+        }
+    }
+
+    /// A relaying flow handed over by the previous process; its pending bytes are in the
+    /// worker's spills. Call `resume` to start it.
+    pub fn adopt(limits: Limits, pipes: [AdoptedPipe; 2]) -> Flow {
+        let mut flow = Flow::new(limits);
+        flow.phase = Phase::Relaying;
+        flow.quiescing = true;
+        for (pipe, adopted) in flow.pipes.iter_mut().zip(pipes) {
+            if adopted.eof {
+                pipe.recv = RecvState::Eof;
+            }
+            if adopted.shutdown_done {
+                pipe.shutdown = ShutdownState::Done;
+            }
+            pipe.bytes = adopted.bytes;
+            if adopted.pending > 0 {
+                pipe.spill_len = adopted.pending;
+                pipe.queue.push_back(Chunk {
+                    data: Data::Spill,
+                    offset: 0,
+                    len: adopted.pending,
+                });
+            }
+        }
+        flow
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1745,5 +1913,148 @@ mod tests {
             released(&take(&mut ops)).unwrap().reason,
             CloseReason::Error(libc::EINVAL)
         );
+    }
+
+    // ---- handover: quiesce, export, resume, adopt ----
+
+    #[test]
+    fn an_idle_flow_quiesces_once_both_recv_cancels_complete_and_resumes_as_it_was() {
+        let (mut f, mut ops) = relaying();
+        f.quiesce(&mut ops);
+        assert_eq!(
+            take(&mut ops),
+            [
+                Op::Cancel(Target::Recv(Client)),
+                Op::Cancel(Target::Recv(Backend))
+            ]
+        );
+        assert!(!f.is_quiesced());
+        ended(&mut f, Client, -libc::ECANCELED, &mut ops);
+        ended(&mut f, Backend, -libc::ECANCELED, &mut ops);
+        f.on_cancel_done(&mut ops);
+        f.on_cancel_done(&mut ops);
+        assert!(ops.is_empty(), "a cancelled recv is not an error: {ops:?}");
+        assert!(f.is_quiesced());
+        assert_eq!(f.export(), [PipeExport::default(), PipeExport::default()]);
+        f.resume(false, &mut ops);
+        assert_eq!(count(&ops, |op| matches!(op, Op::Recv { .. })), 2);
+        assert!(!f.is_quiesced());
+    }
+
+    #[test]
+    fn bytes_not_sent_at_quiesce_are_exported_exactly_and_given_back_at_hand_off() {
+        let (mut f, mut ops) = relaying();
+        data(&mut f, Client, 100, 1, &mut ops);
+        assert!(take(&mut ops).contains(&send(Backend, 1, 0, 100)));
+        f.quiesce(&mut ops);
+        let cancels = take(&mut ops);
+        assert!(cancels.contains(&Op::Cancel(Target::Send(Backend))));
+        // The cancelled send had already sent 10 bytes; the recvs were cancelled.
+        f.on_send(Backend, 10, false, &mut ops);
+        ended(&mut f, Client, -libc::ECANCELED, &mut ops);
+        ended(&mut f, Backend, -libc::ECANCELED, &mut ops);
+        for _ in 0..cancels.len() {
+            f.on_cancel_done(&mut ops);
+        }
+        assert!(ops.is_empty(), "nothing is sent while quiescing: {ops:?}");
+        assert!(f.is_quiesced());
+        let [up, down] = f.export();
+        assert_eq!(up.pending, [(Data::Buffer(1), 10, 90)]);
+        assert!(down.pending.is_empty());
+        assert_eq!(f.bytes(), (10, 0));
+        f.hand_off(&mut ops);
+        assert_eq!(take(&mut ops), [Op::ReturnBuffer(1)]);
+    }
+
+    #[test]
+    fn a_send_cancelled_before_any_byte_keeps_its_chunk() {
+        let (mut f, mut ops) = relaying();
+        data(&mut f, Backend, 50, 3, &mut ops);
+        take(&mut ops);
+        f.quiesce(&mut ops);
+        take(&mut ops);
+        f.on_send(Client, -libc::ECANCELED, false, &mut ops);
+        assert!(ops.is_empty(), "{ops:?}");
+        assert_eq!(f.export()[1].pending, [(Data::Buffer(3), 0, 50)]);
+    }
+
+    #[test]
+    fn a_connecting_flow_quiesces_when_it_connects_without_arming_anything() {
+        let mut f = Flow::new(LIMITS);
+        let mut ops = Vec::new();
+        f.start(&mut ops);
+        f.on_connect_submitted();
+        take(&mut ops);
+        f.quiesce(&mut ops);
+        assert!(ops.is_empty());
+        f.on_connect(0, &mut ops);
+        assert!(ops.is_empty(), "no recv armed while quiescing: {ops:?}");
+        assert!(!f.is_quiesced(), "the linked timeout is in flight");
+        f.on_link_timeout(&mut ops);
+        assert!(f.is_quiesced());
+    }
+
+    #[test]
+    fn an_adopted_flow_writes_its_pending_bytes_before_reading_and_keeps_its_half_close() {
+        let pipes = [
+            AdoptedPipe {
+                pending: 5,
+                bytes: 1000,
+                ..Default::default()
+            },
+            AdoptedPipe {
+                eof: true,
+                ..Default::default()
+            },
+        ];
+        let mut f = Flow::adopt(LIMITS, pipes);
+        let mut ops = Vec::new();
+        f.resume(false, &mut ops);
+        assert_eq!(
+            take(&mut ops),
+            [
+                Op::Shutdown(Client),
+                Op::Send {
+                    to: Backend,
+                    data: Data::Spill,
+                    offset: 0,
+                    len: 5
+                }
+            ],
+            "the backend's EOF is passed on; the client is not read before its bytes are sent"
+        );
+        f.on_send(Backend, 5, false, &mut ops);
+        assert_eq!(
+            take(&mut ops),
+            [
+                Op::DropSpill(Client),
+                Op::Recv {
+                    from: Client,
+                    poll_first: false,
+                    small: false
+                }
+            ]
+        );
+        assert_eq!(f.bytes(), (1005, 0));
+    }
+
+    #[test]
+    fn a_flow_resumed_before_its_cancels_complete_carries_on() {
+        let (mut f, mut ops) = relaying();
+        data(&mut f, Client, 100, 1, &mut ops);
+        take(&mut ops);
+        f.quiesce(&mut ops);
+        take(&mut ops);
+        f.resume(false, &mut ops);
+        assert!(ops.is_empty(), "everything is still in flight: {ops:?}");
+        ended(&mut f, Client, -libc::ECANCELED, &mut ops);
+        assert_eq!(take(&mut ops), [recv(Client)]);
+        f.on_send(Backend, -libc::ECANCELED, false, &mut ops);
+        assert_eq!(take(&mut ops), [send(Backend, 1, 0, 100)]);
+        f.on_cancel_done(&mut ops);
+        f.on_cancel_done(&mut ops);
+        f.on_cancel_done(&mut ops);
+        assert!(ops.is_empty());
+        assert_eq!(f.phase(), Phase::Relaying);
     }
 }

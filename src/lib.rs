@@ -12,6 +12,7 @@ pub mod control;
 pub mod discovery;
 pub mod events;
 pub mod flow;
+pub mod handover;
 pub mod json;
 pub mod metrics;
 pub mod net;

@@ -443,6 +443,22 @@ impl WorkerStatsWriter {
         self.stats.buffers_in_use.store(buffers, Ordering::Relaxed);
         self.stats.spill_bytes.store(spill_bytes, Ordering::Relaxed);
     }
+
+    /// A live flow moved to the successor process (upgrade): no longer active here, and not
+    /// closed either.
+    pub fn flow_handed_over(&self) {
+        let active = &self.stats.flows_active;
+        active.store(
+            active.load(Ordering::Relaxed).saturating_sub(1),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// A live flow taken over from the previous process: active here (its accept was counted
+    /// there).
+    pub fn flow_adopted(&self) {
+        bump(&self.stats.flows_active, 1);
+    }
 }
 
 /// Plain copy of one worker's counters (or of several, summed with [`WorkerCounts::add`]).

@@ -64,6 +64,17 @@ pub struct Control {
     pub liveness: Liveness,
     /// The last STATUS= line sent, so an unchanged one is not sent again.
     pub last_status: String,
+    /// The workers' listening sockets (owned by the workers), to hand to a successor.
+    pub listener_fds: Vec<std::os::fd::RawFd>,
+    pub listen_addr: std::net::SocketAddr,
+    /// The thread waiting on `--upgrade-socket`, if any.
+    pub upgrade: Option<crate::handover::old::UpgradeServer>,
+    /// Successors from that thread; `never()` without it.
+    pub upgrades: Receiver<crate::handover::old::Incoming>,
+    /// Everything was handed to a successor: the workers are ending on purpose.
+    pub handed_over: bool,
+    /// When the successor was told it has everything, to report how long exiting took.
+    pub handed_over_at: Option<Instant>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -160,7 +171,7 @@ impl Control {
                 recv(self.events) -> event => match event {
                     Ok(Event::WorkerExited { id, panicked }) => {
                         running -= 1;
-                        if panicked || matches!(phase, Phase::Serving | Phase::Leaving) {
+                        if panicked || (matches!(phase, Phase::Serving | Phase::Leaving) && !self.handed_over) {
                             let message = format!("worker {id} stopped unexpectedly");
                             error!("{message}; stopping the process");
                             exit_error.get_or_insert(message);
@@ -190,6 +201,25 @@ impl Control {
                 recv(self.dns) -> answer => match answer {
                     Ok(answer) => self.on_dns(answer, threads),
                     Err(_) => self.dns = crossbeam_channel::never(),
+                },
+                recv(self.upgrades) -> incoming => match incoming {
+                    Ok(incoming) if phase == Phase::Serving => {
+                        match self.on_successor(incoming, threads) {
+                            super::upgrade::Next::Serve => {}
+                            super::upgrade::Next::Exit => {
+                                phase = Phase::Stopping;
+                                give_up = crossbeam_channel::at(Instant::now() + STOP_GRACE);
+                            }
+                            super::upgrade::Next::Drain => {
+                                phase = Phase::Draining;
+                                let deadline = Instant::now() + self.config.shutdown_timeout;
+                                threads.workers.broadcast(|| Command::Drain { deadline });
+                                give_up = crossbeam_channel::at(deadline + STOP_GRACE);
+                            }
+                        }
+                    }
+                    Ok(_) => {} // draining or stopping: nothing to hand over
+                    Err(_) => self.upgrades = crossbeam_channel::never(),
                 },
                 recv(ticker) -> _ => {
                     self.retry_passive_downs(threads);

@@ -18,6 +18,7 @@
 //! | `readiness` | `/live` and `/ready`: whether the routing layer should send this host traffic |
 //! | `notify` | systemd's sd_notify protocol: READY, RELOADING, STOPPING, STATUS, WATCHDOG |
 //! | `liveness` | per-worker heartbeats: is every worker's event loop still turning |
+//! | `upgrade` | `--upgrade-socket` and `--takeover` around start-up and in the control loop |
 //!
 //! Workers get commands over crossbeam channels, each followed by a byte on the worker's wake
 //! pipe so its ring notices at once. Workers report to the control thread (`crate::events`) on
@@ -38,8 +39,9 @@ mod status;
 mod status_page;
 mod threads;
 mod transitions;
+mod upgrade;
 mod view;
-mod workers;
+pub(crate) mod workers;
 
 use std::fmt;
 
@@ -70,11 +72,25 @@ pub fn run(config: crate::config::Config) -> Result<(), StartError> {
         return Ok(());
     }
     let signals = SignalThread::start()?;
-    let (mut control, mut threads) = startup::start(config, backends, signals)?;
+    let mut upgrade = upgrade::Before::start(&config)?;
+    let (mut control, mut threads) =
+        startup::start(config, backends, signals, upgrade.listeners())?;
+    if let Err(e) = upgrade.after_start(&mut control, &mut threads) {
+        drop(control);
+        threads.shutdown();
+        return Err(e);
+    }
     let outcome = control.run(&mut threads);
+    if let Some(server) = &control.upgrade {
+        server.remove_socket();
+    }
+    let handed_over_at = control.handed_over_at;
     // Closes the event channel: a worker still ending does not wait to report it to nobody.
     drop(control);
     threads.shutdown();
+    if let Some(at) = handed_over_at {
+        info!("exiting {:.1?} after the handover", at.elapsed());
+    }
     if outcome.is_ok() {
         info!("stopped");
     }

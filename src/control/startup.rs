@@ -47,13 +47,16 @@ const ACCESS_LOG_QUEUE: usize = 16384;
 
 /// Starts every thread. On success the caller runs the control loop and then
 /// `Threads::shutdown`; on failure whatever was started has already been stopped.
+/// `inherited`: listeners handed over by the previous process (`--takeover`), used instead of
+/// binding.
 pub fn start(
     config: Config,
     backends: Backends,
     signals: SignalThread,
+    inherited: Option<Vec<socket2::Socket>>,
 ) -> Result<(Control, Threads), StartError> {
     let mut threads = Threads::new(signals);
-    match start_threads(config, backends, &mut threads) {
+    match start_threads(config, backends, &mut threads, inherited) {
         Ok(control) => Ok((control, threads)),
         Err(e) => {
             threads.shutdown();
@@ -66,20 +69,34 @@ fn start_threads(
     config: Config,
     backends: Backends,
     threads: &mut Threads,
+    inherited: Option<Vec<socket2::Socket>>,
 ) -> Result<Control, StartError> {
     let cpus = core_affinity::get_core_ids().unwrap_or_default();
-    let workers = config.workers.unwrap_or(cpus.len().max(1));
-    let max_conns = flow_limit(&config, workers);
+    let mut workers = config.workers.unwrap_or(cpus.len().max(1));
     let listen = config.listen;
     let edge = Arc::new(Edge::new(&config.edge, config.hash_seed));
     let backlog = config.edge.listen_backlog;
-    let listeners = net::bind_listeners(listen, workers, backlog, |s| edge.configure_listener(s))
-        .map_err(|e| StartError(format!("cannot listen on {listen}: {e}")))?;
+    let inherited_listeners = inherited.is_some();
+    let listeners = match inherited {
+        Some(inherited) => {
+            let (listeners, count) =
+                super::upgrade::use_inherited(inherited, workers, backlog, &edge, listen)?;
+            workers = count;
+            listeners
+        }
+        None => net::bind_listeners(listen, workers, backlog, |s| edge.configure_listener(s))
+            .map_err(|e| StartError(format!("cannot listen on {listen}: {e}")))?,
+    };
+    let listener_fds: Vec<std::os::fd::RawFd> = listeners
+        .iter()
+        .map(std::os::fd::AsRawFd::as_raw_fd)
+        .collect();
+    let max_conns = flow_limit(&config, workers);
     let listen_addr = net::local_addr(&listeners[0])
         .map_err(|e| StartError(format!("cannot listen on {listen}: {e}")))?;
     let admin_listener = match config.admin {
         Some(addr) => Some(
-            std::net::TcpListener::bind(addr)
+            super::upgrade::bind_admin(addr, config.upgrade_socket.is_some())
                 .map_err(|e| StartError(format!("--admin: cannot listen on {addr}: {e}")))?,
         ),
         None => None,
@@ -210,7 +227,10 @@ fn start_threads(
     ) {
         warn!("{hint}");
     }
-    if std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req").is_ok_and(|v| v.trim() == "0")
+    if !inherited_listeners
+        && config.upgrade_socket.is_none()
+        && std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req")
+            .is_ok_and(|v| v.trim() == "0")
     {
         info!(
             "net.ipv4.tcp_migrate_req is 0: during an upgrade the kernel resets connections \
@@ -233,6 +253,12 @@ fn start_threads(
         active_flows,
         liveness: Liveness::new(),
         last_status: String::new(),
+        listener_fds,
+        listen_addr,
+        upgrade: None,
+        upgrades: crossbeam_channel::never(),
+        handed_over: false,
+        handed_over_at: None,
     })
 }
 

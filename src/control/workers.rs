@@ -105,6 +105,11 @@ impl WorkerPool {
             .collect()
     }
 
+    /// Sends one worker a command; false if it is gone.
+    pub fn send_to(&mut self, id: usize, command: Command) -> bool {
+        self.workers.get_mut(id).is_some_and(|w| w.send(command))
+    }
+
     pub fn broadcast(&mut self, command: impl Fn() -> Command) {
         for worker in &mut self.workers {
             let _ = worker.send(command());

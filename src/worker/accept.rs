@@ -20,7 +20,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 impl Worker {
     pub(super) fn arm_accept(&mut self) {
-        if self.stopping || self.accept != AcceptState::Paused {
+        if self.stopping || self.handover.is_some() || self.accept != AcceptState::Paused {
             return;
         }
         let Some(listener) = &self.listener else {

@@ -105,6 +105,8 @@ impl Worker {
             greeting,
             spill: None,
             bytes_accounted: (0, 0),
+            handover: super::handover::Mark::No,
+            adopted_backend: None,
         });
         let mut ops = std::mem::take(&mut self.ops);
         let entry = &mut self.slots[slot];
@@ -114,6 +116,8 @@ impl Worker {
         entry.flow.start(&mut ops);
         self.apply(slot, &mut ops);
         self.ops = ops;
+        // Started during a handover (accepted before the accept's cancel landed): it moves too.
+        self.join_handover(slot);
         true
     }
 
@@ -229,6 +233,9 @@ impl Worker {
         }
         self.apply(index, &mut ops);
         self.ops = ops;
+        if self.handover.is_some() {
+            self.export_if_quiesced(index, token.generation);
+        }
     }
 
     /// A connection closed at accept, before it became a flow: counted, and logged like a flow
@@ -252,6 +259,7 @@ impl Worker {
 
     pub(super) fn release(&mut self, index: usize, ending: Ending) {
         let mut slot = self.slots.remove(index);
+        self.handover_forget(slot.handover);
         // What the tick's flushes have not counted yet: the counters end exactly at the flow's
         // bytes, which the access log records whole.
         let (new_up, new_down) = live_bytes::take_unaccounted(&mut slot);
@@ -288,7 +296,8 @@ impl Worker {
                 listener: self.listen_addr,
                 backend: backend
                     .filter(|_| slot.connect_time.is_some())
-                    .map(|b| Arc::clone(&b.name)),
+                    .map(|b| Arc::clone(&b.name))
+                    .or_else(|| slot.adopted_backend.clone()),
                 bytes_client_to_backend: up,
                 bytes_backend_to_client: down,
                 duration,

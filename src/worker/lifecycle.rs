@@ -45,6 +45,10 @@ impl Worker {
                 Command::CloseBackends { names, deadline } => {
                     self.backend_deadlines.push((names, deadline))
                 }
+                Command::Handover { exports } => self.start_handover(exports),
+                Command::Release(handles) => self.release_handed_over(handles),
+                Command::Resume(unstarted) => self.resume_after_handover(unstarted),
+                Command::Adopt(flows, pauses) => self.adopt(flows, &pauses),
             }
         }
         if res > 0 && !self.hard_stop {
@@ -92,7 +96,8 @@ impl Worker {
         let chosen: Vec<usize> = self
             .slots
             .iter()
-            .filter(|(_, slot)| which(slot))
+            // An exported flow belongs to the successor until the handover fails: never closed.
+            .filter(|(_, slot)| slot.handover != super::handover::Mark::Exported && which(slot))
             .map(|(i, _)| i)
             .collect();
         for index in chosen {
@@ -125,6 +130,10 @@ impl Worker {
                     .zip(slot.backend_set.as_ref())
                     .and_then(|(i, set)| set.backends.get(i))
                     .is_some_and(|b| due.contains(&b.name))
+                    || slot
+                        .adopted_backend
+                        .as_ref()
+                        .is_some_and(|name| due.contains(name))
             },
             CloseReason::Shutdown,
         );
@@ -147,6 +156,12 @@ impl Worker {
                 continue;
             };
             if slot.generation != generation || slot.flow.phase() == Phase::Closing {
+                continue;
+            }
+            if slot.handover == super::handover::Mark::Exported {
+                // Moving to the successor: its idle time counts there. Back here if the
+                // handover fails.
+                self.timers.schedule(now + 1, (index, generation));
                 continue;
             }
             let Some(idle) = self.idle_ticks else {

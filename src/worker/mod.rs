@@ -9,6 +9,7 @@ mod accept;
 mod bufring;
 mod edge;
 mod flows;
+mod handover;
 mod lifecycle;
 mod live_bytes;
 mod ops;
@@ -60,6 +61,18 @@ pub enum Command {
         names: Vec<Arc<str>>,
         deadline: Instant,
     },
+    /// Upgrade: stop accepting (keeping the listener), quiesce every flow and report each on
+    /// `exports` once it can move, then `Drained` (see `worker/handover.rs`).
+    Handover {
+        exports: Sender<crate::handover::Exported>,
+    },
+    /// The successor acknowledged these exported flows: close this process's copies.
+    Release(Vec<crate::handover::FlowHandle>),
+    /// The handover failed: accept again and move every flow not released; take back these
+    /// accepted connections that were not started.
+    Resume(Vec<OwnedFd>),
+    /// Flows handed over by the previous process: relay them from where they stood.
+    Adopt(Vec<crate::handover::Adopted>, Arc<crate::handover::Pauses>),
 }
 
 /// Everything a worker needs, handed over when its thread starts.
@@ -141,6 +154,11 @@ struct Slot {
     spill: Option<Box<[Vec<u8>; 2]>>,
     /// The flow's bytes (up, down) already added to the counters (`live_bytes`).
     bytes_accounted: (u64, u64),
+    /// Where the flow is in an upgrade handover.
+    handover: handover::Mark,
+    /// The backend of a flow adopted from the previous process when this process's set has no
+    /// backend of that name (it follows `--drain-timeout`).
+    adopted_backend: Option<Arc<str>>,
 }
 
 /// Per-flow PROXY protocol state, boxed so flows without it pay one pointer.
@@ -229,6 +247,8 @@ struct Worker {
     bytes_flushed_at: Instant,
     /// See `WorkerSetup::heartbeat`.
     heartbeat: Arc<AtomicU64>,
+    /// An upgrade handover in progress (`worker/handover.rs`).
+    handover: Option<handover::Progress>,
 }
 
 /// Runs a worker on the current thread until it is told to stop. Ring set-up errors are
@@ -321,6 +341,7 @@ impl Worker {
             started_this_turn: 0,
             bytes_flushed_at: Instant::now(),
             heartbeat: setup.heartbeat,
+            handover: None,
         })
     }
 
@@ -375,6 +396,9 @@ impl Worker {
             }
             if self.has_start_backlog() {
                 self.resume_accepting();
+            }
+            if self.handover.is_some() {
+                self.handover_turn();
             }
             self.stats.turn_took(turn.elapsed());
         }
