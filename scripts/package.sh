@@ -26,10 +26,13 @@ fi
 units=target/deb-units
 rm -rf "$units"
 mkdir -p "$units"
-sed 's#^ExecStart=/usr/local/bin/ringway #ExecStart=/usr/bin/ringway #' \
+sed -e 's#^ExecStart=/usr/local/bin/ringway #ExecStart=/usr/bin/ringway #' \
+    -e "s#^ExecReload=/bin/sh -c '/usr/local/bin/ringway #ExecReload=/bin/sh -c '/usr/bin/ringway #" \
     deploy/ringway.service >"$units/ringway.service"
-if ! grep -q '^ExecStart=/usr/bin/ringway ' "$units/ringway.service"; then
-    echo "package.sh: deploy/ringway.service has no ExecStart=/usr/local/bin/ringway line to rewrite" >&2
+if ! grep -q '^ExecStart=/usr/bin/ringway ' "$units/ringway.service" ||
+    ! grep -q "^ExecReload=/bin/sh -c '/usr/bin/ringway " "$units/ringway.service" ||
+    grep -q '/usr/local/bin/ringway' "$units/ringway.service"; then
+    echo "package.sh: deploy/ringway.service: ExecStart=/ExecReload= lines with /usr/local/bin/ringway not rewritten" >&2
     exit 1
 fi
 cp deploy/ringway.sysusers "$units/ringway.sysusers"

@@ -324,3 +324,70 @@ fn abstract_notify_socket(name: &str, timeout: Duration) -> UnixDatagram {
     socket.set_read_timeout(Some(timeout)).unwrap();
     socket
 }
+
+/// `systemctl reload` under the shipped unit starts a successor with `--takeover`
+/// (deploy/ringway.service, ExecReload). The successor must name itself the main process
+/// (MAINPID=, accepted with NotifyAccess=all) before the old one exits, then say READY=1, and
+/// nobody may say STOPPING=1 on the way: systemd would take the service for stopping.
+#[test]
+fn a_takeover_names_itself_the_main_process_and_nobody_says_stopping() {
+    let echo = Backend::echo();
+    let (mut manager, notify) = Manager::bind("notify-takeover");
+    let dir = TempDir::new("notify-upgrade");
+    let socket = dir.path().join("upgrade.sock");
+    let backend = echo.arg();
+    let base = [
+        "--listen",
+        "127.0.0.1:0",
+        "--backend",
+        backend.as_str(),
+        "--upgrade-socket",
+        socket.to_str().expect("utf-8 temp path"),
+    ];
+    let mut old = Proxy::start_with_env(&base, &[("NOTIFY_SOCKET", &notify)]);
+    manager.expect("READY=1 from the first process", &old, |m| {
+        field(m, "READY") == Some("1")
+    });
+    let mut flow = connect(old.addr).expect("connect to the first process");
+    echo_roundtrip(&mut flow, b"before the upgrade").expect("a flow before the upgrade");
+
+    let mut takeover = base.to_vec();
+    takeover.push("--takeover");
+    let mut new = Proxy::start_with_env(&takeover, &[("NOTIFY_SOCKET", &notify)]);
+    let main = manager.expect("MAINPID= from the successor", &new, |m| {
+        field(m, "MAINPID").is_some()
+    });
+    assert_eq!(
+        field(&main, "MAINPID"),
+        Some(new.pid().to_string().as_str()),
+        "MAINPID names the successor"
+    );
+    manager.expect("READY=1 from the successor", &new, |m| {
+        field(m, "READY") == Some("1")
+    });
+    let status = old.wait_exit(NOTIFY_TIMEOUT);
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the old process exits 0 after the handover: {status:?}\n{}",
+        old.stderr_tail()
+    );
+    // The flow moved with the listeners: same connection, now served by the successor.
+    echo_roundtrip(&mut flow, b"after the upgrade").expect("the flow after the upgrade");
+    assert!(
+        !manager
+            .seen
+            .iter()
+            .any(|m| field(m, "STOPPING") == Some("1")),
+        "STOPPING=1 during an upgrade: {:#?}",
+        manager.seen
+    );
+
+    // The successor is the service now: a stop drains it as usual.
+    new.signal(libc::SIGTERM);
+    manager.expect("STOPPING=1 from the successor", &new, |m| {
+        field(m, "STOPPING") == Some("1")
+    });
+    drop(flow);
+    let status = new.wait_exit(NOTIFY_TIMEOUT);
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+}

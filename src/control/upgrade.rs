@@ -87,9 +87,15 @@ impl Before {
         };
         if let Some(mut conn) = self.conn.take() {
             // Under systemd (Type=notify, NotifyAccess=all, the successor started by
-            // ExecReload), this is where the successor reports MAINPID= its own PID: it holds
-            // the listeners, and the old main process cannot exit before `adopt_flows` below
-            // has told it we are ready. See docs/operations.md, "Upgrades that keep every flow".
+            // ExecReload: deploy/ringway.service), the successor reports MAINPID= its own PID
+            // here: it holds the listeners, and the old main process cannot exit before
+            // `adopt_flows` below has told it we are ready, so systemd follows us instead of
+            // seeing its main process exit. See docs/operations.md, "Upgrades that keep every flow".
+            match super::notify::main_pid(std::process::id()) {
+                Ok(true) => info!("--takeover: told the service manager this is its main process"),
+                Ok(false) => {}
+                Err(e) => warn!("--takeover: cannot send MAINPID= to the service manager: {e}"),
+            }
             let known: HashSet<Arc<str>> = control
                 .backends
                 .snapshot()
