@@ -31,7 +31,7 @@ sed -e 's#^ExecStart=/usr/local/bin/ringway #ExecStart=/usr/bin/ringway #' \
     deploy/ringway.service >"$units/ringway.service"
 if ! grep -q '^ExecStart=/usr/bin/ringway ' "$units/ringway.service" ||
     ! grep -q "^ExecReload=/bin/sh -c '/usr/bin/ringway " "$units/ringway.service" ||
-    grep -q '/usr/local/bin/ringway' "$units/ringway.service"; then
+    grep -q '^Exec.*/usr/local/bin/ringway' "$units/ringway.service"; then
     echo "package.sh: deploy/ringway.service: ExecStart=/ExecReload= lines with /usr/local/bin/ringway not rewritten" >&2
     exit 1
 fi
