@@ -61,18 +61,24 @@ impl Mux {
     fn start() -> Mux {
         // A deep backlog: thousands of flows connect at once, and an overflowing accept queue
         // resets handshakes answered with syncookies (the test's doing, not the proxy's).
-        let listener = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
-        listener
-            .bind(&SockAddr::from(
-                "127.0.0.1:0".parse::<SocketAddr>().unwrap(),
-            ))
-            .unwrap();
-        listener.listen(4096).unwrap();
-        let addr = listener.local_addr().unwrap().as_socket().unwrap();
+        let (listener, addr) = loopback_listener(4096);
         let gate = Arc::new(Gate::default());
         serve(listener, Arc::clone(&gate));
         Mux { addr, gate }
     }
+}
+
+/// A listener on 127.0.0.1, on a port the OS picks, with this accept backlog.
+fn loopback_listener(backlog: i32) -> (Socket, SocketAddr) {
+    let listener = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+    listener
+        .bind(&SockAddr::from(
+            "127.0.0.1:0".parse::<SocketAddr>().unwrap(),
+        ))
+        .unwrap();
+    listener.listen(backlog).unwrap();
+    let addr = listener.local_addr().unwrap().as_socket().unwrap();
+    (listener, addr)
 }
 
 /// Accepts on `listener` for good, a thread per connection.
@@ -157,14 +163,7 @@ struct LateBackend {
 
 impl LateBackend {
     fn new() -> LateBackend {
-        let listener = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
-        listener
-            .bind(&SockAddr::from(
-                "127.0.0.1:0".parse::<SocketAddr>().unwrap(),
-            ))
-            .unwrap();
-        listener.listen(0).unwrap();
-        let addr = listener.local_addr().unwrap().as_socket().unwrap();
+        let (listener, addr) = loopback_listener(0);
         let mut fillers = Vec::new();
         for _ in 0..64 {
             let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
