@@ -32,6 +32,8 @@ pub enum Kind {
     /// The last close of a released flow's sockets (not tied to a flow): its descriptors are
     /// gone, so its share of `--max-conns` is free again.
     FlowClosed,
+    /// A flow's sockets registered in the fixed-file table (`fixed_files.rs`).
+    FilesUpdate,
 }
 
 impl Kind {
@@ -54,6 +56,7 @@ impl Kind {
             Kind::Preface => 15,
             Kind::Close => 16,
             Kind::FlowClosed => 17,
+            Kind::FilesUpdate => 18,
         }
     }
 
@@ -76,6 +79,7 @@ impl Kind {
             15 => Kind::Preface,
             16 => Kind::Close,
             17 => Kind::FlowClosed,
+            18 => Kind::FilesUpdate,
             _ => return None,
         })
     }
@@ -127,7 +131,7 @@ mod tests {
 
     #[test]
     fn round_trips_every_kind() {
-        for code in 1..=17u8 {
+        for code in 1..=18u8 {
             let kind = Kind::from_code(code).unwrap();
             assert_eq!(kind.code(), code);
             let token = Token::new(123_456, 0xabcdef, kind);
