@@ -229,11 +229,7 @@ impl Worker {
             | Kind::Wake
             | Kind::Tick
             | Kind::Close
-            | Kind::FlowClosed
-            | Kind::FilesUpdate => {}
-        }
-        if token.kind == Kind::Connect && res >= 0 {
-            self.register_files(index);
+            | Kind::FlowClosed => {}
         }
         self.apply(index, &mut ops);
         self.ops = ops;
@@ -336,7 +332,7 @@ impl Worker {
         // still refer to them (a flow is released only when none of its operations is in
         // flight). The flow's share of --max-conns is given back when the closes complete.
         let backend = slot.backend.map(IntoRawFd::into_raw_fd);
-        self.close_flow(index, slot.client.into_raw_fd(), backend);
+        self.close_flow(slot.client.into_raw_fd(), backend);
     }
 
     /// A released flow's descriptors are closed: only now is its share of `--max-conns` free.

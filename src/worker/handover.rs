@@ -239,7 +239,7 @@ impl Worker {
             self.stats.flow_handed_over();
             let backend = slot.backend.map(IntoRawFd::into_raw_fd);
             // The flow's share of --max-conns comes back when the closes complete.
-            self.close_flow(index, slot.client.into_raw_fd(), backend);
+            self.close_flow(slot.client.into_raw_fd(), backend);
         }
     }
 

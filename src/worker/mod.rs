@@ -8,7 +8,6 @@
 mod accept;
 mod bufring;
 mod edge;
-mod fixed_files;
 mod flows;
 mod handover;
 mod lifecycle;
@@ -192,9 +191,6 @@ struct Worker {
     // Field order is drop order: the ring goes first, so the kernel stops using the buffers,
     // timespecs and wake buffer declared after it before they are freed.
     ring: IoUring,
-    /// Registered descriptors of relayed sockets (`fixed_files.rs`); `None` when turned off or
-    /// refused by the kernel.
-    fixed: Option<fixed_files::FixedFiles>,
     bufring: BufRing,
     wake_buf: Box<[u8; 64]>,
     connect_timespec: Box<types::Timespec>,
@@ -299,12 +295,8 @@ impl Worker {
             max_queued: MAX_QUEUED_BUFFERS,
             read_header: settings.edge.trusted.is_some(),
         };
-        let fixed = fixed_files::enabled_by_env()
-            .then(|| fixed_files::FixedFiles::new(&ring, settings.max_conns))
-            .flatten();
         Ok(Worker {
             ring,
-            fixed,
             bufring,
             wake_buf: Box::new([0; 64]),
             connect_timespec: Box::new(timespec(settings.connect_timeout)),
@@ -419,7 +411,6 @@ impl Worker {
         match token.kind {
             Kind::Accept => self.on_accept(res, cqueue::more(flags)),
             Kind::AcceptCancel | Kind::Close => {}
-            Kind::FilesUpdate => self.on_files_registered(token, res),
             Kind::FlowClosed => self.on_flow_closed(),
             Kind::Wake => self.on_wake(res),
             Kind::Tick => self.on_tick(),

@@ -16,31 +16,6 @@ use super::flows::local_error_hint;
 use super::token::{Kind, Token};
 use super::{timespec, Slot, Worker};
 
-/// Builds an entry on a flow's socket: `$fd` is a `FlowFd`, bound to `$name` as the io-uring
-/// crate's `types::Fd` or `types::Fixed` (the crate takes either, but names no common type).
-macro_rules! on_socket {
-    ($fd:expr, |$name:ident| $build:expr) => {
-        match $fd {
-            FlowFd::Regular(raw) => {
-                let $name = types::Fd(raw);
-                $build
-            }
-            FlowFd::Fixed(entry) => {
-                let $name = entry;
-                $build
-            }
-        }
-    };
-}
-
-/// A flow socket as an operation names it: its descriptor, or its fixed-file table entry once
-/// registered (`fixed_files.rs`).
-#[derive(Clone, Copy)]
-enum FlowFd {
-    Regular(std::os::fd::RawFd),
-    Fixed(types::Fixed),
-}
-
 /// `IORING_RECVSEND_POLL_FIRST` (not exported by the io-uring crate): wait for readiness
 /// before the first attempt, saving a recv that would only return EAGAIN.
 const RECVSEND_POLL_FIRST: u16 = 1;
@@ -74,15 +49,9 @@ impl Worker {
         let slot = &mut self.slots[index];
         let generation = slot.generation;
         let token = |kind| Token::new(index, generation, kind).encode();
-        let fixed = self.fixed.as_ref().and_then(|table| table.entries(index));
-        let fd = |slot: &Slot, side: Side| match (side, fixed) {
-            (Side::Client, Some((client, _))) => Some(FlowFd::Fixed(client)),
-            (Side::Backend, Some((_, backend))) => Some(FlowFd::Fixed(backend)),
-            (Side::Client, None) => Some(FlowFd::Regular(slot.client.as_raw_fd())),
-            (Side::Backend, None) => slot
-                .backend
-                .as_ref()
-                .map(|s| FlowFd::Regular(s.as_raw_fd())),
+        let fd = |slot: &Slot, side: Side| match side {
+            Side::Client => Some(slot.client.as_raw_fd()),
+            Side::Backend => slot.backend.as_ref().map(|s| s.as_raw_fd()),
         };
         let entry = match op {
             Op::ReadHeader => {
@@ -124,10 +93,10 @@ impl Worker {
                 };
                 // The preface is not touched while its send is in flight and lives in the slot.
                 let ptr = greeting.preface.as_ptr().wrapping_add(offset as usize);
-                on_socket!(fd, |fd| opcode::Send::new(fd, ptr, len)
+                opcode::Send::new(types::Fd(fd), ptr, len)
                     .flags(libc::MSG_NOSIGNAL)
                     .build()
-                    .user_data(token(Kind::Preface)))
+                    .user_data(token(Kind::Preface))
             }
             Op::Connect => {
                 self.connect_next(index, more);
@@ -146,12 +115,12 @@ impl Worker {
                 };
                 // Single-shot: one recv takes at most one buffer, so a pipe never holds more
                 // than its budget (see flow.rs).
-                on_socket!(fd, |fd| opcode::Recv::new(fd, std::ptr::null_mut(), len)
+                opcode::Recv::new(types::Fd(fd), std::ptr::null_mut(), len)
                     .buf_group(self.bufring.group())
                     .ioprio(if poll_first { RECVSEND_POLL_FIRST } else { 0 })
                     .build()
                     .flags(squeue::Flags::BUFFER_SELECT)
-                    .user_data(token(Kind::Recv(from))))
+                    .user_data(token(Kind::Recv(from)))
             }
             Op::Send {
                 to,
@@ -175,10 +144,10 @@ impl Worker {
                     }
                 }
                 .wrapping_add(offset as usize);
-                on_socket!(fd, |fd| opcode::Send::new(fd, ptr, len)
+                opcode::Send::new(types::Fd(fd), ptr, len)
                     .flags(libc::MSG_NOSIGNAL)
                     .build()
-                    .user_data(token(Kind::Send(to))))
+                    .user_data(token(Kind::Send(to)))
             }
             Op::Spill {
                 from,
@@ -209,9 +178,9 @@ impl Worker {
             }
             Op::Shutdown(side) => {
                 let Some(fd) = fd(slot, side) else { return };
-                on_socket!(fd, |fd| opcode::Shutdown::new(fd, libc::SHUT_WR)
+                opcode::Shutdown::new(types::Fd(fd), libc::SHUT_WR)
                     .build()
-                    .user_data(token(Kind::Shutdown(side))))
+                    .user_data(token(Kind::Shutdown(side)))
             }
             Op::Cancel(target) => {
                 // By the operation's own token: the kernel finds it by hash. Cancelling by

@@ -80,50 +80,25 @@ impl Worker {
         }
     }
 
-    /// Closes released flow slot `index`'s sockets through the ring. The closes are
-    /// hard-linked (the second runs even if the first fails) and only the last one always
-    /// completes, as `FlowClosed`: until then the descriptors are still open, so the flow keeps
-    /// its share of `--max-conns` (see `Worker::on_flow_closed`). Sockets in the fixed-file
-    /// table have their entries cleared first, in the same chain: the table holds a reference
-    /// too, and the sockets close only when both are gone.
-    pub(super) fn close_flow(&mut self, index: usize, client: RawFd, backend: Option<RawFd>) {
-        let chained = |entry: squeue::Entry| {
-            entry
-                .flags(squeue::Flags::IO_HARDLINK | squeue::Flags::SKIP_SUCCESS)
-                .user_data(Token::worker(Kind::Close).encode())
-        };
+    /// Closes a released flow's sockets through the ring. The closes are hard-linked (the
+    /// second runs even if the first fails) and only the last one always completes, as
+    /// `FlowClosed`: until then the descriptors are still open, so the flow keeps its share of
+    /// `--max-conns` (see `Worker::on_flow_closed`).
+    pub(super) fn close_flow(&mut self, client: RawFd, backend: Option<RawFd>) {
         let last = |fd| {
             opcode::Close::new(types::Fd(fd))
                 .build()
                 .user_data(Token::worker(Kind::FlowClosed).encode())
         };
-        let clear = self.unregister_files(index).map(chained);
-        let chain = match backend {
-            None => [clear, Some(last(client)), None],
-            Some(backend) => [
-                clear,
-                Some(chained(opcode::Close::new(types::Fd(client)).build())),
-                Some(last(backend)),
-            ],
-        };
-        self.push_chain(&chain);
-    }
-
-    /// Pushes linked entries adjacently (a link holds only between neighbours in the queue).
-    fn push_chain(&mut self, entries: &[Option<squeue::Entry>]) {
-        let count = entries.iter().flatten().count();
-        loop {
-            let mut sq = self.ring.submission();
-            if sq.capacity() - sq.len() >= count {
-                for entry in entries.iter().flatten() {
-                    // SAFETY: as in `push`; closes carry no pointer, and a fixed-file update
-                    // points at a static or at `FixedFiles::staged`, which outlives the ring.
-                    let _ = unsafe { sq.push(entry) };
-                }
-                return;
+        match backend {
+            None => self.push(last(client)),
+            Some(backend) => {
+                let first = opcode::Close::new(types::Fd(client))
+                    .build()
+                    .flags(squeue::Flags::IO_HARDLINK | squeue::Flags::SKIP_SUCCESS)
+                    .user_data(Token::worker(Kind::Close).encode());
+                self.push_linked(first, last(backend));
             }
-            drop(sq);
-            self.submit_pending();
         }
     }
 }

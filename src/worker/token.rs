@@ -32,8 +32,6 @@ pub enum Kind {
     /// The last close of a released flow's sockets (not tied to a flow): its descriptors are
     /// gone, so its share of `--max-conns` is free again.
     FlowClosed,
-    /// A flow's sockets registered in the fixed-file table (`fixed_files.rs`).
-    FilesUpdate,
 }
 
 impl Kind {
@@ -56,7 +54,6 @@ impl Kind {
             Kind::Preface => 15,
             Kind::Close => 16,
             Kind::FlowClosed => 17,
-            Kind::FilesUpdate => 18,
         }
     }
 
@@ -79,7 +76,6 @@ impl Kind {
             15 => Kind::Preface,
             16 => Kind::Close,
             17 => Kind::FlowClosed,
-            18 => Kind::FilesUpdate,
             _ => return None,
         })
     }
@@ -131,7 +127,7 @@ mod tests {
 
     #[test]
     fn round_trips_every_kind() {
-        for code in 1..=18u8 {
+        for code in 1..=17u8 {
             let kind = Kind::from_code(code).unwrap();
             assert_eq!(kind.code(), code);
             let token = Token::new(123_456, 0xabcdef, kind);
