@@ -1,6 +1,7 @@
 //! One worker thread: its own io_uring ring, SO_REUSEPORT listener, buffer ring, timer wheel
 //! and flows. Nothing here is shared with other workers except the process-wide flow counter
-//! (one atomic add per flow) and the immutable snapshot of backends.
+//! (one atomic add per flow), the immutable snapshot of backends, and each worker's published
+//! load and inbox for passing new connections to a less loaded worker (`handoff.rs`).
 //!
 //! The event loop submits, waits for completions, and routes each completion by its token to
 //! the flow state machine (`crate::flow`), then carries out the operations the flow asks for.
