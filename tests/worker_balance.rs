@@ -128,7 +128,11 @@ fn ports_the_kernel_sends_to_worker_0(
 fn long_lived_flows_that_all_hash_to_one_worker_are_split_within_10_percent_and_relay_exactly() {
     let seed = test_seed();
     let backend = Backend::echo();
+    let dir = TempDir::new("worker-balance");
+    let log = dir.path().join("access.log");
     let mut proxy = Proxy::start(&[
+        "--access-log",
+        log.to_str().unwrap(),
         "--listen",
         "127.0.0.1:0",
         "--backend",
@@ -208,4 +212,20 @@ fn long_lived_flows_that_all_hash_to_one_worker_are_split_within_10_percent_and_
         .wait_exit(SHOW_TIMEOUT)
         .unwrap_or_else(|| panic!("no exit after the drain\n{}", proxy.stderr_tail()));
     assert!(status.success(), "{status}\n{}", proxy.stderr_tail());
+
+    // Each flow, wherever it ran, has its access-log line with its client and every byte.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let bytes = 64 * 1024 + (1 << 20) + 64 * 1024;
+    let whole = format!("\"bytes_client_to_backend\":{bytes},\"bytes_backend_to_client\":{bytes},");
+    for from in &sources {
+        let client = format!("\"client\":\"{from}\"");
+        let lines = text
+            .lines()
+            .filter(|l| l.contains(&client) && l.contains(&whole))
+            .count();
+        assert_eq!(
+            lines, 1,
+            "access-log lines for the flow from {from}:\n{text}"
+        );
+    }
 }

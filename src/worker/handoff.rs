@@ -13,7 +13,7 @@
 //!   not started yet, with the [`NOT_TAKING`] bit set while it stops, drains or hands over to
 //!   a successor. Exact at every moment, not a turn late: workers accept in bursts at the same
 //!   moment (32 connections opened together), and a count stored once per turn let the other
-//!   worker pass connections here it should have kept (18/14). So it moves by atomic adds: the
+//!   worker pass connections here it should have kept (22/10, 11/21). So it moves by atomic adds: the
 //!   owner adds 1 for each connection it keeps, a sender adds 1 for each it passes here, and
 //!   the owner settles the rest (flows that ended) once per turn. Others read it relaxed: the
 //!   hand-off check costs one relaxed load per other worker.
@@ -24,13 +24,15 @@
 //! names that ring by descriptor, and a worker's ring descriptor can be closed (the worker
 //! ended) and its number reused between reading it and submitting; keeping a duplicate open
 //! instead would keep the ring, and the kernel's use of the ended worker's buffers, alive.
-//! The eventfd is owned here, so it outlives every sender, and a hand-off is rare (only when
-//! the split is off), so its write(2) costs nothing measurable (docs/benchmarks.md, issue 10).
+//! The eventfd is owned here, so it outlives every sender, and hand-offs are few (at most 64
+//! a second per worker, `HANDOFF_BURST`), so its write(2) costs nothing measurable
+//! (docs/benchmarks.md, issue 10).
 //!
 //! No descriptor leaks: if the target has ended, sending fails and the connection is started
 //! here; one queued to a worker that ends before it reads its inbox is closed when the channel
 //! is dropped with it; a worker that is stopping hard closes what arrives (as it does with a
-//! connection its own accept brings in then).
+//! connection its own accept brings in then). A connection that reaches a worker during an
+//! upgrade handover is parked and goes to the successor with its other unstarted connections.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
