@@ -12,7 +12,7 @@
 # WORKERS=N (default 1): each proxy gets N workers (HAProxy N threads) on CPUs 0..N-1, shared
 # with the load generator and backends (as `scripts/bench.sh --workers N`).
 set -u
-[ $# -ge 4 ] || { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+[ $# -ge 4 ] || { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 W=$1 REPS=$2 DUR=$3 A=$4 B=${5:-}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 LOAD="$ROOT/target/release/ringway-load"
