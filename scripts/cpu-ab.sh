@@ -9,14 +9,19 @@
 # proxy's utime+stime divided by the requests, connections or bytes the load generator counted
 # (as scripts/bench.sh does), so two builds can be compared in one run on a noisy machine.
 # Everything started is stopped on exit, by PID.
+# WORKERS=N (default 1): each proxy gets N workers (HAProxy N threads) on CPUs 0..N-1, shared
+# with the load generator and backends (as `scripts/bench.sh --workers N`).
 set -u
-[ $# -ge 4 ] || { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+[ $# -ge 4 ] || { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 W=$1 REPS=$2 DUR=$3 A=$4 B=${5:-}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 LOAD="$ROOT/target/release/ringway-load"
 [ -x "$LOAD" ] || { echo "build first: cargo build --release --workspace" >&2; exit 1; }
 command -v haproxy >/dev/null || { echo "haproxy is not installed (apt-get install haproxy)" >&2; exit 1; }
 SOURCES=127.0.0.2-127.0.0.20
+WORKERS=${WORKERS:-1}
+PROXY_CPUS=1
+[ "$WORKERS" -gt 1 ] && PROXY_CPUS=0-$((WORKERS - 1))
 D=$(mktemp -d /tmp/ringway-cpu-ab.XXXXXX)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done; wait 2>/dev/null; }
@@ -44,8 +49,8 @@ for _ in range(200):
     except OSError: pass
 ')
 start_ringway() {  # binary port -> LAST_PID
-    taskset -c 1 "$1" --listen "127.0.0.1:$2" --backend "${BE[0]}" --backend "${BE[1]}" \
-        --backend "${BE[2]}" --workers 1 --connect-timeout 3s --idle-timeout 10m \
+    taskset -c "$PROXY_CPUS" "$1" --listen "127.0.0.1:$2" --backend "${BE[0]}" --backend "${BE[1]}" \
+        --backend "${BE[2]}" --workers "$WORKERS" --connect-timeout 3s --idle-timeout 10m \
         --max-conns 9000 >"$D/ringway-$2.log" 2>&1 &
     LAST_PID=$!
     pids+=("$LAST_PID")
@@ -54,7 +59,7 @@ start_ringway "$A" $port; PA=$LAST_PID
 if [ -n "$B" ]; then start_ringway "$B" $((port + 1)); PB=$LAST_PID; fi
 cat >"$D/haproxy.cfg" <<CFG
 global
-    nbthread 1
+    nbthread $WORKERS
     maxconn 9000
 defaults
     mode tcp
@@ -72,7 +77,7 @@ backend be
     server b2 ${BE[1]}
     server b3 ${BE[2]}
 CFG
-taskset -c 1 haproxy -f "$D/haproxy.cfg" -db >"$D/haproxy.log" 2>&1 &
+taskset -c "$PROXY_CPUS" haproxy -f "$D/haproxy.cfg" -db >"$D/haproxy.log" 2>&1 &
 PH=$!
 pids+=("$PH")
 for p in $((port)) $((port + 2)) ${B:+$((port + 1))}; do

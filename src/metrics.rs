@@ -267,6 +267,8 @@ pub struct WorkerStats {
     accept_errors: AtomicU64,
     buffer_ring_exhausted: AtomicU64,
     buffers_reclaimed: AtomicU64,
+    /// Accepted connections passed to a less loaded worker (`worker/handoff.rs`).
+    flows_handed_off: AtomicU64,
     /// Event-loop turns whose handling took longer than each of `SLOW_TURNS`.
     slow_turns: [AtomicU64; SLOW_TURNS.len()],
     /// Gauges the worker stores once per event-loop turn.
@@ -300,6 +302,7 @@ impl WorkerStats {
             accept_errors: load(&self.accept_errors),
             buffer_ring_exhausted: load(&self.buffer_ring_exhausted),
             buffers_reclaimed: load(&self.buffers_reclaimed),
+            flows_handed_off: load(&self.flows_handed_off),
             slow_turns: self.slow_turns.each_ref().map(load),
             buffers_in_use: load(&self.buffers_in_use),
             spill_bytes: load(&self.spill_bytes),
@@ -429,6 +432,12 @@ impl WorkerStatsWriter {
         bump(&self.stats.buffers_reclaimed, 1);
     }
 
+    /// A connection this worker accepted was passed to a less loaded worker, which counts it
+    /// in its `flows_accepted` when it starts the flow.
+    pub fn flow_handed_off(&self) {
+        bump(&self.stats.flows_handed_off, 1);
+    }
+
     /// One event-loop turn's handling (completions in, submissions out) took `took`.
     pub fn turn_took(&self, took: Duration) {
         for (i, &(bound, _)) in SLOW_TURNS.iter().enumerate() {
@@ -475,6 +484,7 @@ pub struct WorkerCounts {
     pub accept_errors: u64,
     pub buffer_ring_exhausted: u64,
     pub buffers_reclaimed: u64,
+    pub flows_handed_off: u64,
     pub slow_turns: [u64; SLOW_TURNS.len()],
     pub buffers_in_use: u64,
     pub spill_bytes: u64,
@@ -515,6 +525,7 @@ impl WorkerCounts {
             .buffer_ring_exhausted
             .wrapping_add(other.buffer_ring_exhausted);
         self.buffers_reclaimed = self.buffers_reclaimed.wrapping_add(other.buffers_reclaimed);
+        self.flows_handed_off = self.flows_handed_off.wrapping_add(other.flows_handed_off);
         sum(&mut self.slow_turns, &other.slow_turns);
         self.buffers_in_use = self.buffers_in_use.wrapping_add(other.buffers_in_use);
         self.spill_bytes = self.spill_bytes.wrapping_add(other.spill_bytes);
@@ -777,6 +788,21 @@ pub fn render_prometheus(
             "",
             &[("worker", label)],
             counts.flows_active,
+        );
+    }
+    family(
+        out,
+        "ringway_flows_handed_off_total",
+        "counter",
+        "Accepted connections passed to a less loaded worker, per worker that accepted them.",
+    );
+    for (label, counts) in worker_labels.iter().zip(&per_worker) {
+        sample(
+            out,
+            "ringway_flows_handed_off_total",
+            "",
+            &[("worker", label)],
+            counts.flows_handed_off,
         );
     }
     family(

@@ -130,7 +130,9 @@ fn start_threads(
     let (ready_tx, ready_rx) = crossbeam_channel::bounded(workers);
     let snapshot = backends.snapshot();
     let mut worker_stats = Vec::with_capacity(workers);
-    for (id, listener) in listeners.into_iter().enumerate() {
+    let handoffs = crate::worker::handoffs_for_workers(workers)
+        .map_err(|e| StartError(format!("cannot create a hand-off eventfd: {e}")))?;
+    for ((id, listener), handoff) in listeners.into_iter().enumerate().zip(handoffs) {
         let stats = WorkerStatsWriter::new();
         worker_stats.push(Arc::clone(stats.stats()));
         let cpu = (!cpus.is_empty()).then(|| cpus[id % cpus.len()]);
@@ -147,6 +149,7 @@ fn start_threads(
             access_log: access_log.clone(),
             listen_addr,
             heartbeat,
+            handoff,
         };
         threads
             .workers

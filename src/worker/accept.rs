@@ -93,7 +93,7 @@ impl Worker {
     /// Starts a flow on an accepted connection if a share of `--max-conns` is free and no
     /// connection accepted earlier is waiting; otherwise parks it, served first when room
     /// comes back.
-    fn start_or_park(&mut self, fd: OwnedFd) {
+    pub(super) fn start_or_park(&mut self, fd: OwnedFd) {
         if self.parked.is_empty() && self.may_start_more() && self.take_slot() {
             self.started_this_turn += 1;
             self.start_flow(fd);
@@ -113,12 +113,15 @@ impl Worker {
             if self.hard_stop {
                 return; // dropped: closed
             }
-            self.start_or_park(fd);
-            if !self.parked.is_empty() {
-                // Parked at the limit (held like the kernel backlog would; single-shot
-                // accepts make that one per worker), or behind earlier ones: serve them in
-                // order while there is room.
-                self.resume_accepting();
+            // Passed to a worker holding clearly fewer flows, or started here (handoff.rs).
+            if let Some(fd) = self.hand_off_if_busier(fd) {
+                self.start_or_park(fd);
+                if !self.parked.is_empty() {
+                    // Parked at the limit (held like the kernel backlog would; single-shot
+                    // accepts make that one per worker), or behind earlier ones: serve them in
+                    // order while there is room.
+                    self.resume_accepting();
+                }
             }
             self.narrow_accepting();
         } else {

@@ -229,7 +229,8 @@ impl Worker {
             | Kind::Wake
             | Kind::Tick
             | Kind::Close
-            | Kind::FlowClosed => {}
+            | Kind::FlowClosed
+            | Kind::HandedIn => {}
         }
         self.apply(index, &mut ops);
         self.ops = ops;

@@ -1,6 +1,7 @@
 //! One worker thread: its own io_uring ring, SO_REUSEPORT listener, buffer ring, timer wheel
 //! and flows. Nothing here is shared with other workers except the process-wide flow counter
-//! (one atomic add per flow) and the immutable snapshot of backends.
+//! (one atomic add per flow), the immutable snapshot of backends, and each worker's published
+//! load and inbox for passing new connections to a less loaded worker (`handoff.rs`).
 //!
 //! The event loop submits, waits for completions, and routes each completion by its token to
 //! the flow state machine (`crate::flow`), then carries out the operations the flow asks for.
@@ -9,6 +10,7 @@ mod accept;
 mod bufring;
 mod edge;
 mod flows;
+mod handoff;
 mod handover;
 mod lifecycle;
 mod live_bytes;
@@ -42,6 +44,7 @@ use crate::snapshot::{BackendLoad, BackendSet, PickState, Snapshot};
 use crate::source_limit::SourceTicket;
 use bufring::BufRing;
 pub use edge::Edge;
+pub use handoff::{for_workers as handoffs_for_workers, Handoff};
 use rate_limited::RateLimited;
 pub use ring::{new_ring, RingError};
 use timer::TimerWheel;
@@ -94,6 +97,8 @@ pub struct WorkerSetup {
     pub listen_addr: SocketAddr,
     /// Bumped once per tick: the control thread's sign that this worker's loop turns.
     pub heartbeat: Arc<AtomicU64>,
+    /// This worker's part in passing new connections between workers (`handoff.rs`).
+    pub handoff: Handoff,
 }
 
 #[derive(Clone)]
@@ -249,6 +254,8 @@ struct Worker {
     heartbeat: Arc<AtomicU64>,
     /// An upgrade handover in progress (`worker/handover.rs`).
     handover: Option<handover::Progress>,
+    /// Load published to the other workers, and connections they pass here (`handoff.rs`).
+    handoff: Handoff,
 }
 
 /// Runs a worker on the current thread until it is told to stop. Ring set-up errors are
@@ -342,6 +349,7 @@ impl Worker {
             bytes_flushed_at: Instant::now(),
             heartbeat: setup.heartbeat,
             handover: None,
+            handoff: setup.handoff,
         })
     }
 
@@ -349,6 +357,7 @@ impl Worker {
         self.arm_accept();
         self.arm_wake();
         self.arm_tick();
+        self.arm_handoff();
         loop {
             let returned = self.bufring.publish();
             if returned > 0 {
@@ -400,6 +409,7 @@ impl Worker {
             if self.handover.is_some() {
                 self.handover_turn();
             }
+            self.publish_load();
             self.stats.turn_took(turn.elapsed());
         }
     }
@@ -414,6 +424,7 @@ impl Worker {
             Kind::FlowClosed => self.on_flow_closed(),
             Kind::Wake => self.on_wake(res),
             Kind::Tick => self.on_tick(),
+            Kind::HandedIn => self.on_handed_in(res),
             _ => self.on_flow_completion(token, res, flags),
         }
     }

@@ -32,6 +32,9 @@ pub enum Kind {
     /// The last close of a released flow's sockets (not tied to a flow): its descriptors are
     /// gone, so its share of `--max-conns` is free again.
     FlowClosed,
+    /// Read on the worker's hand-off eventfd: another worker passed it connections (not tied
+    /// to a flow; `handoff.rs`).
+    HandedIn,
 }
 
 impl Kind {
@@ -54,6 +57,7 @@ impl Kind {
             Kind::Preface => 15,
             Kind::Close => 16,
             Kind::FlowClosed => 17,
+            Kind::HandedIn => 18,
         }
     }
 
@@ -76,6 +80,7 @@ impl Kind {
             15 => Kind::Preface,
             16 => Kind::Close,
             17 => Kind::FlowClosed,
+            18 => Kind::HandedIn,
             _ => return None,
         })
     }
@@ -127,7 +132,7 @@ mod tests {
 
     #[test]
     fn round_trips_every_kind() {
-        for code in 1..=17u8 {
+        for code in 1..=18u8 {
             let kind = Kind::from_code(code).unwrap();
             assert_eq!(kind.code(), code);
             let token = Token::new(123_456, 0xabcdef, kind);
