@@ -368,6 +368,8 @@ impl Worker {
             let entered = if self.has_expiry_backlog() || self.has_start_backlog() {
                 self.submit_and_collect()
             } else {
+                // About to wait: a burst's leftover buffer pages go back now (O(1) otherwise).
+                self.bufring.trim_quiet();
                 self.ring.submit_and_wait(1)
             };
             match entered {
