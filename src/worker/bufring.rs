@@ -192,8 +192,7 @@ impl BufRing {
         }
         self.deepened_this_turn = true;
         self.boost = (self.boost * 2)
-            .max(BASE_DEPTH)
-            .min(MAX_BOOST)
+            .clamp(BASE_DEPTH, MAX_BOOST)
             .min(u32::from(self.entries) / 4);
     }
 
