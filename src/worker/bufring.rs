@@ -319,3 +319,80 @@ impl Drop for BufRing {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pages of buffer `bid` that are resident now (mincore).
+    fn resident_pages(bufs: &BufRing, bid: BufId) -> usize {
+        let len = bufs.buffer_size as usize;
+        let mut vec = vec![0u8; len.div_ceil(PAGE)];
+        // SAFETY: the buffer is page-aligned and `len` bytes long, inside our allocation; mincore
+        // writes one byte per page into `vec`, which has room for exactly that many.
+        let rc =
+            unsafe { libc::mincore(bufs.buffer(bid) as *mut libc::c_void, len, vec.as_mut_ptr()) };
+        assert_eq!(rc, 0, "mincore: {}", io::Error::last_os_error());
+        vec.iter().filter(|&&b| b & 1 == 1).count()
+    }
+
+    /// The kernel fills the buffers at the ring's head: here the test plays the kernel, taking
+    /// what `publish` put in the ring (in order) and writing a small message into each.
+    fn consume_ring(bufs: &mut BufRing, published: &[BufId], lent: &mut Vec<BufId>) {
+        for &bid in published {
+            bufs.take();
+            // SAFETY: test only: `bid` is a buffer of the allocation, nobody else uses it.
+            unsafe { *(bufs.buffer(bid) as *mut u8) = 1 };
+            lent.push(bid);
+        }
+    }
+
+    fn publish(bufs: &mut BufRing) -> Vec<BufId> {
+        let before = bufs.free.clone();
+        bufs.publish();
+        before[bufs.free.len()..].iter().rev().copied().collect()
+    }
+
+    #[test]
+    fn a_worker_going_quiet_gives_back_what_a_burst_of_small_messages_touched() {
+        let ring = crate::worker::new_ring(8).expect("io_uring");
+        let mut bufs = BufRing::new(&ring, 0, 256, 64 * 1024).expect("buffer ring");
+        // `new` published the first BASE_DEPTH buffers of the free stack: 0, 1, 2...
+        let mut in_ring: Vec<BufId> = (0..BASE_DEPTH as u16).collect();
+        // A burst: many flows' messages arrive before any send completes, turn after turn, and
+        // the ring runs dry each turn.
+        let mut lent = Vec::new();
+        for _ in 0..6 {
+            consume_ring(&mut bufs, &in_ring, &mut lent);
+            bufs.ran_dry();
+            in_ring = publish(&mut bufs);
+        }
+        // The sends complete: every buffer comes back, dirty (one page written).
+        for &bid in &lent {
+            bufs.give_back(bid);
+        }
+        publish(&mut bufs);
+        let touched = lent.len();
+        assert!(touched > 100, "the burst touched {touched} buffers");
+        bufs.trim_quiet();
+        bufs.trim_quiet();
+        let resident = (0..bufs.entries)
+            .filter(|&bid| resident_pages(&bufs, bid) > 0)
+            .count();
+        // What stays: the ring (at most its deepest target) and the warm spare.
+        let most = (BASE_DEPTH + MAX_BOOST) as usize * 2 + WARM_SPARE;
+        assert!(
+            resident <= most,
+            "{resident} of the {touched} buffers the burst touched are still resident (at most {most})"
+        );
+        // Nothing left to trim: the next quiet turn is a no-op, and the warm buffers were kept.
+        assert!(bufs.dirty_free <= bufs.target() as usize + WARM_SPARE);
+        let top = *bufs.free.last().expect("free buffers");
+        assert_eq!(
+            resident_pages(&bufs, top),
+            1,
+            "the warm buffer on top was trimmed"
+        );
+        bufs.unregister(&ring);
+    }
+}
