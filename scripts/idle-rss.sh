@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # RSS per idle flow of one or two Ringway builds, fresh proxy per measurement, runs interleaved.
 #
-#   scripts/idle-rss.sh [--flows "2000 5000"] [--in-flight "0 1"] [--repeats N] RINGWAY_A [RINGWAY_B]
+#   scripts/idle-rss.sh [--flows "2000 5000"] [--in-flight "0 1"] [--repeats N] [--workers N]
+#                       RINGWAY_A [RINGWAY_B]
 #
-# Each measurement starts a fresh proxy (one worker, pinned to CPU 1, the flags scripts/bench.sh
-# gives it) in front of `ringway-load serve --mode echo`, runs `ringway-load idle` (CPU 0) and
+# Each measurement starts a fresh proxy (one worker pinned to CPU 1, or --workers N on CPUs 0-1,
+# with the flags scripts/bench.sh gives it) in front of `ringway-load serve --mode echo`, runs `ringway-load idle` (CPU 0) and
 # takes the proxy's RSS growth once every flow was opened and checked once, divided by the flows:
 # the same measurement as scripts/bench.sh's idle workload (scripts/lib/common.sh, idle_rss).
 # --in-flight: check exchanges outstanding at once; 0 sends every check before reading a reply
@@ -15,13 +16,14 @@ set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=scripts/lib/common.sh
 source "$ROOT/scripts/lib/common.sh"
-FLOWS_LIST="2000 5000" IN_FLIGHT_LIST="0 1" REPS=3
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
+FLOWS_LIST="2000 5000" IN_FLIGHT_LIST="0 1" REPS=3 WORKERS=1
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
     case "$1" in
         --flows) FLOWS_LIST=$2; shift ;;
         --in-flight) IN_FLIGHT_LIST=$2; shift ;;
         --repeats) REPS=$2; shift ;;
+        --workers) WORKERS=$2; shift ;;
         -h|--help) usage; exit 0 ;;
         -*) usage; die "unknown option $1" ;;
         *) break ;;
@@ -35,6 +37,7 @@ LOAD="$ROOT/target/release/ringway-load"
 for b in "${BINS[@]}"; do [ -x "$b" ] || die "$b: not an executable"; done
 ulimit -n "$(ulimit -Hn)" 2>/dev/null
 CLIENT_CPUS=0
+if [ "$WORKERS" = 1 ]; then PROXY_CPUS=1; else PROXY_CPUS=0-1; fi
 SOURCES=127.0.0.2-127.0.0.20
 WORK=$(mktemp -d /tmp/ringway-idle-rss.XXXXXX)
 trap 'stop_all' EXIT
@@ -52,8 +55,8 @@ for flows in $FLOWS_LIST; do
         for rep in $(seq 1 "$REPS"); do
             for i in "${!BINS[@]}"; do
                 port=$(free_port)
-                start_bg "$WORK/ringway-$i.log" taskset -c 1 "${BINS[$i]}" --listen "127.0.0.1:$port" \
-                    --backend "${BE[0]}" --backend "${BE[1]}" --backend "${BE[2]}" --workers 1 \
+                start_bg "$WORK/ringway-$i.log" taskset -c "$PROXY_CPUS" "${BINS[$i]}" --listen "127.0.0.1:$port" \
+                    --backend "${BE[0]}" --backend "${BE[1]}" --backend "${BE[2]}" --workers "$WORKERS" \
                     --hash-key src-ip --connect-timeout 3s --idle-timeout 10m --max-conns 9000
                 pid=$BG_PID
                 if ! wait_line "$WORK/ringway-$i.log" "listening on" 10 "$pid"; then
