@@ -54,9 +54,10 @@ pub struct BufRing {
 /// cycles, and what is kept here stays resident while the flows sit idle. 16 covers what
 /// `scripts/cpu-ab.sh rr` (32 connections) holds beyond the ring.
 const WARM_SPARE: usize = 16;
-/// Buffers `trim_quiet` gives back per call at most (about 1 us each for a buffer whose first
-/// page only was written; a burst's leftovers go within a few quiet turns).
-const TRIM_QUIET: usize = 64;
+/// Buffers `trim_quiet` gives back per call at most: about 1 us each for a buffer whose first
+/// page only was written (small messages), about 1.6 us for a full 64 KiB one (bulk), so at most
+/// about 50 us before the worker waits; a burst's leftovers go within a few quiet turns.
+const TRIM_QUIET: usize = 32;
 /// Buffers trimmed per tick at most: 16 x 64 KiB is about 25 us of page-table work, small
 /// enough not to show in request latency, and still gives back 4 MiB a second per worker.
 const TRIM_PER_TICK: usize = 16;
