@@ -276,7 +276,7 @@ PY
 }
 
 run_idle() {  # contender rep
-    local c=$1 rep=$2 target pid rss0 rss1 ready="$WORK/idle.ready" ipid rc out port
+    local c=$1 rep=$2 target pid rss0 rss1 rc out port
     [ "$c" != direct ] || return 0    # RSS per flow only means something for a proxy
     # A fresh proxy instance for every measurement: an allocator keeps memory after flows
     # close, so a proxy that already carried flows would show too little growth.
@@ -289,18 +289,8 @@ run_idle() {  # contender rep
         return 0
     fi
     target="127.0.0.1:$port"
-    rm -f "$ready"
-    rss0=$(rss_kb "$pid")
-    taskset -c "$CLIENT_CPUS" "$LOAD" idle --target "$target" --conns "$IDLE_FLOWS" --sources "$SOURCES" \
-        --hold 120s --ready-file "$ready" --json >"$WORK/idle.out" 2>>"$WORK/load.err" &
-    ipid=$!
-    STARTED_PIDS+=("$ipid")
-    local deadline=$(( $(date +%s) + 100 ))
-    while [ ! -s "$ready" ] && kill -0 "$ipid" 2>/dev/null && [ "$(date +%s)" -lt "$deadline" ]; do sleep 0.05; done
-    rss1=$(rss_kb "$pid")
-    kill -USR1 "$ipid" 2>/dev/null
-    wait "$ipid"; rc=$?
-    out=$(cat "$WORK/idle.out")
+    idle_rss "$pid" "$target" "$IDLE_FLOWS" "$WORK" --sources "$SOURCES"
+    rss0=$IDLE_RSS0 rss1=$IDLE_RSS1 rc=$IDLE_RC out=$IDLE_OUT
     kill -TERM "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
     record "$c" idle "$rep" "$rc" null ",\"flows\":$IDLE_FLOWS,\"rss_before_kb\":$rss0,\"rss_ready_kb\":$rss1" "$out"
     log "$(printf '%-8s %-9s rep %s rc=%s rss %s kB -> %s kB (%s B/flow) %s' "$c" idle "$rep" "$rc" "$rss0" "$rss1" \

@@ -275,10 +275,11 @@ impl Pipe {
 /// Tunables that shape every flow of a worker.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
-    /// Connect attempts after the first one.
-    pub retries: u32,
+    /// Connect attempts after the first one (at most `config::MAX_RETRIES`). Narrow types keep
+    /// `Limits`, copied into every flow, at 3 bytes (see worker/slot.rs).
+    pub retries: u8,
     /// Buffers a pipe may hold while the pool is roomy (one when it is tight).
-    pub max_queued: usize,
+    pub max_queued: u8,
     /// Read a PROXY protocol header from the client before anything else.
     pub read_header: bool,
 }
@@ -288,7 +289,7 @@ pub struct Flow {
     phase: Phase,
     pipes: [Pipe; 2],
     limits: Limits,
-    connect_attempts: u32,
+    connect_attempts: u8,
     connect_in_flight: bool,
     /// Linked timeouts complete separately from their connect, possibly after a retry started.
     link_timeouts_in_flight: u8,
@@ -340,7 +341,7 @@ impl Flow {
     }
 
     pub fn connect_attempts(&self) -> u32 {
-        self.connect_attempts
+        u32::from(self.connect_attempts)
     }
 
     /// Ring buffers the flow holds, both directions.
@@ -439,7 +440,7 @@ impl Flow {
 
     /// The worker submitted a connect and its linked timeout.
     pub fn on_connect_submitted(&mut self) {
-        self.connect_attempts += 1;
+        self.connect_attempts = self.connect_attempts.saturating_add(1);
         self.connect_in_flight = true;
         self.link_timeouts_in_flight += 1;
     }
@@ -830,7 +831,11 @@ impl Flow {
     /// than its budget (`max_queued`, or one while the pool is tight), with no spill waiting.
     fn rearm_if_room(&mut self, from: Side, tight: bool, ops: &mut Vec<Op>) {
         let pipe = &self.pipes[from.pipe()];
-        let budget = if tight { 1 } else { self.limits.max_queued };
+        let budget = if tight {
+            1
+        } else {
+            usize::from(self.limits.max_queued)
+        };
         if self.phase == Phase::Relaying
             && pipe.recv == RecvState::Off
             && !pipe.starved
@@ -1415,7 +1420,7 @@ mod tests {
                     i += 1;
                 }
                 assert!(
-                    f.pipes[DOWNLOAD].buffers_held() <= LIMITS.max_queued,
+                    f.pipes[DOWNLOAD].buffers_held() <= usize::from(LIMITS.max_queued),
                     "budget exceeded"
                 );
                 assert_eq!(buffers.len(), f.pipes[DOWNLOAD].buffers_held());

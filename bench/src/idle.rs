@@ -24,6 +24,9 @@ pub struct IdleConfig {
     pub size: usize,
     /// Give up opening after this long; flows not open by then count as failed.
     pub open_deadline: Duration,
+    /// Check exchanges outstanding at once in a round; 0: send every request before waiting
+    /// (the replies overlap as much as they can), 1: one flow after the other.
+    pub in_flight: usize,
 }
 
 #[derive(Debug, Default)]
@@ -156,6 +159,25 @@ fn exchange_all(
             Err(e) => {
                 stats.record_error(&error_kind("write", &e));
                 drop_flow(poll, flows, i);
+            }
+        }
+        // at most `in_flight` exchanges outstanding: wait for replies before the next request
+        // (bounded by the round's timeout, like the final wait below)
+        if cfg.in_flight > 0 && waiting >= cfg.in_flight {
+            let until = Instant::now() + cfg.common.timeout.max(Duration::from_secs(2));
+            while waiting >= cfg.in_flight && Instant::now() < until {
+                let left = until.saturating_duration_since(Instant::now());
+                waiting -= collect(
+                    &mut *poll,
+                    flows,
+                    &mut got,
+                    &mut pending,
+                    &origin,
+                    seq,
+                    cfg,
+                    stats,
+                    left.min(Duration::from_millis(100)),
+                );
             }
         }
         // a full pass may take a while with many flows: read whatever is ready meanwhile

@@ -276,6 +276,9 @@ struct IdleArgs {
     /// give up opening flows after this long (default 60s)
     #[argh(option, default = "Duration::from_secs(60)", from_str_fn(dur))]
     open_deadline: Duration,
+    /// check exchanges outstanding at once (default 0: all at once; 1: in sequence)
+    #[argh(option, default = "0")]
+    in_flight: usize,
     /// print one JSON object instead of text
     #[argh(switch)]
     json: bool,
@@ -582,6 +585,7 @@ fn run(cmd: Cmd) -> Result<ExitCode, String> {
                 ready_file: a.ready_file,
                 size: a.size,
                 open_deadline: a.open_deadline,
+                in_flight: a.in_flight,
             };
             let res = idle::run(&cfg, stop);
             let s = &res.stats;

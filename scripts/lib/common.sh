@@ -109,3 +109,30 @@ rss_kb() {
 
 # cpus_of PID: the CPU list PID may run on.
 cpus_of() { taskset -pc "$1" 2>/dev/null | sed 's/.*: //'; }
+
+# idle_rss PROXY_PID TARGET FLOWS WORKDIR LOAD_ARGS... : RSS per idle flow, the way
+# scripts/bench.sh and scripts/idle-rss.sh measure it. Samples PROXY_PID's RSS, runs
+# `$LOAD idle` (on $CLIENT_CPUS if set) against TARGET with FLOWS flows and any extra LOAD_ARGS,
+# samples the RSS again as soon as every flow was opened and checked once (its ready file),
+# then ends the hold (SIGUSR1) and waits for the load generator (bounded: 100 s to get ready).
+# Sets IDLE_RSS0 and IDLE_RSS1 (kB), IDLE_RC (the load generator's exit code) and IDLE_OUT
+# (its JSON result); IDLE_PER_FLOW is (RSS1 - RSS0) in bytes per flow.
+idle_rss() {
+    local pid=$1 target=$2 flows=$3 work=$4 ipid deadline cpus=${CLIENT_CPUS:-}
+    shift 4
+    local ready="$work/idle.ready"
+    rm -f "$ready"
+    IDLE_RSS0=$(rss_kb "$pid")
+    if [ -n "$cpus" ]; then set -- taskset -c "$cpus" "$LOAD" idle "$@"; else set -- "$LOAD" idle "$@"; fi
+    "$@" --target "$target" --conns "$flows" --hold 120s --ready-file "$ready" --json \
+        >"$work/idle.out" 2>>"$work/load.err" &
+    ipid=$!
+    STARTED_PIDS+=("$ipid")
+    deadline=$(( $(date +%s) + 100 ))
+    while [ ! -s "$ready" ] && kill -0 "$ipid" 2>/dev/null && [ "$(date +%s)" -lt "$deadline" ]; do sleep 0.05; done
+    IDLE_RSS1=$(rss_kb "$pid")
+    kill -USR1 "$ipid" 2>/dev/null
+    wait "$ipid"; IDLE_RC=$?
+    IDLE_OUT=$(cat "$work/idle.out")
+    IDLE_PER_FLOW=$(( (IDLE_RSS1 - IDLE_RSS0) * 1024 / flows ))
+}

@@ -12,7 +12,6 @@ use log::debug;
 use socket2::SockRef;
 
 use crate::access_log::FlowRecord;
-use crate::balance::flow_key_hash;
 use crate::control::health::{classify_connect_error, ConnectFailure};
 use crate::events::Event;
 use crate::flow::{CloseReason, Ending, Flow, Op, Phase};
@@ -21,7 +20,7 @@ use crate::proxy_protocol::{self, Parsed};
 
 use super::live_bytes;
 use super::token::{self, Kind, Token};
-use super::{timespec, Greeting, Slot, Worker};
+use super::{slot, timespec, Greeting, Slot, Worker};
 
 impl Worker {
     /// Starts a flow on `client` in a share of `--max-conns` the caller has taken
@@ -80,38 +79,33 @@ impl Worker {
         self.stats.flow_accepted();
         let generation = self.next_generation;
         self.next_generation = (self.next_generation + 1) & token::GENERATION_MASK;
-        let key_hash = flow_key_hash(
-            &client_addr,
-            self.settings.hash_key,
-            self.settings.hash_seed,
-        );
         let slot = self.slots.insert(Slot {
             generation,
             flow: Flow::new(self.limits),
             client,
             backend: None,
             client_addr,
-            key_hash,
             backend_index: None,
             backend_set: None,
             backend_load: None,
-            tried: Vec::new(),
             last_active: self.timers.now(),
-            timer_filed: false,
-            accepted_at: Instant::now(),
-            connect_started: None,
-            connect_time: None,
-            ticket,
-            greeting,
-            spill: None,
+            accepted_ns: slot::now_ns(),
+            connect_ns: 0,
             bytes_accounted: (0, 0),
-            handover: super::handover::Mark::No,
-            adopted_backend: None,
+            timer_filed: false,
+            connected: false,
+            cold: None,
         });
         let mut ops = std::mem::take(&mut self.ops);
         let entry = &mut self.slots[slot];
-        if let Some(greeting) = &entry.greeting {
-            entry.flow.set_preface(greeting.preface.len() as u32);
+        if ticket.is_some() || greeting.is_some() {
+            let cold = entry.cold();
+            cold.ticket = ticket;
+            cold.greeting = greeting;
+        }
+        if let Some(greeting) = entry.greeting() {
+            let preface_len = greeting.preface.len() as u32;
+            entry.flow.set_preface(preface_len);
         }
         entry.flow.start(&mut ops);
         self.apply(slot, &mut ops);
@@ -140,15 +134,18 @@ impl Worker {
         let slot = &mut self.slots[index];
         match token.kind {
             Kind::Connect => {
+                if res >= 0 {
+                    slot.connect_succeeded();
+                    // Only connect retries need the list: an idle flow keeps no heap for it.
+                    slot.forget_tried();
+                }
                 let backend = slot
                     .backend_index
                     .zip(slot.backend_set.as_ref())
-                    .and_then(|(i, set)| set.backends.get(i));
+                    .and_then(|(i, set)| set.backends.get(i as usize));
                 if res >= 0 {
-                    slot.connect_time = slot.connect_started.map(|t| t.elapsed());
-                    // Only connect retries need the list: an idle flow keeps no heap for it.
-                    slot.tried = Vec::new();
-                    self.stats.connected(slot.connect_time.unwrap_or_default());
+                    self.stats
+                        .connected(slot.connect_time().unwrap_or_default());
                     if let Some(backend) = backend {
                         backend.stats.flow_started();
                     }
@@ -184,7 +181,7 @@ impl Worker {
                             {
                                 let _ = self.events.try_send(Event::BackendFailure {
                                     set: Arc::clone(set),
-                                    index: i,
+                                    index: i as usize,
                                 });
                             }
                         }
@@ -260,7 +257,7 @@ impl Worker {
 
     pub(super) fn release(&mut self, index: usize, ending: Ending) {
         let mut slot = self.slots.remove(index);
-        self.handover_forget(slot.handover);
+        self.handover_forget(slot.handover());
         // What the tick's flushes have not counted yet: the counters end exactly at the flow's
         // bytes, which the access log records whole.
         let (new_up, new_down) = live_bytes::take_unaccounted(&mut slot);
@@ -273,20 +270,20 @@ impl Worker {
         if let Some(load) = &slot.backend_load {
             load.active.fetch_sub(1, Ordering::Relaxed);
         }
-        if let Some(ticket) = slot.ticket {
+        if let Some(ticket) = slot.ticket() {
             self.settings.edge.release(ticket);
         }
         let (up, down) = slot.flow.bytes();
         let backend = slot
             .backend_index
             .zip(slot.backend_set.as_ref())
-            .and_then(|(i, set)| set.backends.get(i));
+            .and_then(|(i, set)| set.backends.get(i as usize));
         let kind = CloseKind::from(ending.reason);
         self.stats.flow_closed(kind);
         self.stats.bytes_client_to_backend(new_up);
         self.stats.bytes_backend_to_client(new_down);
-        let duration = slot.accepted_at.elapsed();
-        if let (Some(backend), Some(_)) = (backend, slot.connect_time) {
+        let duration = slot.age();
+        if let (Some(backend), Some(_)) = (backend, slot.connect_time()) {
             backend.stats.flow_ended(new_up, new_down);
             self.stats.flow_relayed(duration, up, down);
         }
@@ -296,13 +293,13 @@ impl Worker {
                 client: slot.client_addr,
                 listener: self.listen_addr,
                 backend: backend
-                    .filter(|_| slot.connect_time.is_some())
+                    .filter(|_| slot.connected)
                     .map(|b| Arc::clone(&b.name))
-                    .or_else(|| slot.adopted_backend.clone()),
+                    .or_else(|| slot.adopted_backend().cloned()),
                 bytes_client_to_backend: up,
                 bytes_backend_to_client: down,
                 duration,
-                connect: slot.connect_time,
+                connect: slot.connect_time(),
                 reason: kind,
             });
         }
@@ -351,10 +348,11 @@ impl Worker {
     /// or admit the real client and connect.
     fn on_header_bytes(&mut self, index: usize, received: usize, ops: &mut Vec<Op>) {
         let edge = Arc::clone(&self.settings.edge);
-        let hash_key = self.settings.hash_key;
-        let seed = self.settings.hash_seed;
         let slot = &mut self.slots[index];
-        let Some(greeting) = slot.greeting.as_mut() else {
+        let Some(cold) = slot.cold.as_deref_mut() else {
+            return;
+        };
+        let Some(greeting) = cold.greeting.as_deref_mut() else {
             return;
         };
         let filled = greeting.header.len() + received;
@@ -375,10 +373,9 @@ impl Worker {
             }) => {
                 if let Some(client) = source {
                     slot.client_addr = client;
-                    slot.key_hash = flow_key_hash(&client, hash_key, seed);
                 }
                 match edge.admit(slot.client_addr.ip()) {
-                    Ok(ticket) => slot.ticket = ticket,
+                    Ok(ticket) => cold.ticket = ticket,
                     Err(reason) => {
                         debug!("flow {}: refused ({reason:?})", slot.client_addr);
                         slot.flow.abort(reason, ops);

@@ -17,13 +17,12 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crossbeam_channel::Sender;
 use log::{debug, warn};
 use socket2::{SockRef, Socket};
 
-use crate::balance::flow_key_hash;
 use crate::flow::{AdoptedPipe, Data, Flow};
 use crate::handover::protocol::monotonic_ns;
 use crate::handover::protocol::{FlowState, PipeState};
@@ -33,9 +32,10 @@ use super::token::{self};
 use super::{AcceptState, Slot, Worker};
 
 /// Where a flow is in a handover.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Mark {
     /// Not being handed over.
+    #[default]
     No,
     /// Quiescing since this CLOCK_MONOTONIC time (ns): exported once nothing is in flight.
     Pending(u64),
@@ -95,10 +95,10 @@ impl Worker {
         let Some(slot) = self.slots.get_mut(index) else {
             return;
         };
-        if slot.handover != Mark::No || slot.flow.phase() == crate::flow::Phase::Closing {
+        if slot.handover() != Mark::No || slot.flow.phase() == crate::flow::Phase::Closing {
             return;
         }
-        slot.handover = Mark::Pending(monotonic_ns());
+        slot.set_handover(Mark::Pending(monotonic_ns()));
         progress.pending += 1;
         let generation = slot.generation;
         let mut ops = std::mem::take(&mut self.ops);
@@ -176,7 +176,7 @@ impl Worker {
         let Some(slot) = self.slots.get(index) else {
             return;
         };
-        let Mark::Pending(quiesced_at) = slot.handover else {
+        let Mark::Pending(quiesced_at) = slot.handover() else {
             return;
         };
         if slot.generation != generation || !slot.flow.is_quiesced() {
@@ -199,7 +199,7 @@ impl Worker {
             client: slot.client.as_raw_fd(),
             backend,
         };
-        slot.handover = Mark::Exported;
+        slot.set_handover(Mark::Exported);
         if let Some(progress) = self.handover.as_mut() {
             progress.pending -= 1;
             progress.unreleased += 1;
@@ -218,7 +218,8 @@ impl Worker {
             let index = handle.slot as usize;
             match self.slots.get(index) {
                 Some(slot)
-                    if slot.generation == handle.generation && slot.handover == Mark::Exported => {}
+                    if slot.generation == handle.generation
+                        && slot.handover() == Mark::Exported => {}
                 _ => continue,
             }
             if let Some(progress) = self.handover.as_mut() {
@@ -233,7 +234,7 @@ impl Worker {
             if let Some(load) = &slot.backend_load {
                 load.active.fetch_sub(1, Ordering::Relaxed);
             }
-            if let Some(ticket) = slot.ticket {
+            if let Some(ticket) = slot.ticket() {
                 self.settings.edge.release(ticket);
             }
             self.stats.flow_handed_over();
@@ -255,10 +256,10 @@ impl Worker {
         let indices: Vec<usize> = self.slots.iter().map(|(i, _)| i).collect();
         for index in indices {
             let slot = &mut self.slots[index];
-            if slot.handover == Mark::No {
+            if slot.handover() == Mark::No {
                 continue;
             }
-            slot.handover = Mark::No;
+            slot.set_handover(Mark::No);
             let mut ops = std::mem::take(&mut self.ops);
             slot.flow.resume(tight, &mut ops);
             self.apply(index, &mut ops);
@@ -297,7 +298,7 @@ impl Worker {
                 b.load.active.fetch_add(1, Ordering::Relaxed);
                 b.stats.flow_started();
                 (
-                    Some(i),
+                    Some(i as u32),
                     Some(Arc::clone(&set)),
                     Some(Arc::clone(&b.load)),
                     None,
@@ -330,39 +331,35 @@ impl Worker {
         let now = self.timers.now();
         let idle_ticks = (state.idle.as_nanos() / self.tick.as_nanos().max(1)) as u64;
         let last_active = now.saturating_sub(idle_ticks);
-        let accepted_at = Instant::now()
-            .checked_sub(state.age)
-            .unwrap_or_else(Instant::now);
-        let key_hash = flow_key_hash(
-            &state.client,
-            self.settings.hash_key,
-            self.settings.hash_seed,
-        );
+        let now_ns = super::slot::now_ns();
+        let age_ns = u64::try_from(state.age.as_nanos()).unwrap_or(u64::MAX);
+        let accepted_ns = now_ns.checked_sub(age_ns).unwrap_or(now_ns);
         let index = self.slots.insert(Slot {
             generation,
             flow,
             client,
             backend: Some(Socket::from(backend)),
             client_addr: state.client,
-            key_hash,
             backend_index,
             backend_set,
             backend_load,
-            tried: Vec::new(),
             last_active,
+            accepted_ns,
+            connect_ns: 0,
             timer_filed: false,
-            accepted_at,
-            connect_started: None,
-            connect_time: state.connect_time.or(Some(Duration::ZERO)),
-            ticket: None,
-            greeting: None,
-            spill,
-            handover: Mark::No,
-            adopted_backend,
+            connected: false,
+            cold: None,
             // The previous process already counted these bytes in its own metrics: this one
             // counts only what it relays itself.
             bytes_accounted: (state.bytes[0], state.bytes[1]),
         });
+        let slot = &mut self.slots[index];
+        slot.set_connect_time(state.connect_time.or(Some(Duration::ZERO)));
+        if spill.is_some() || adopted_backend.is_some() {
+            let cold = slot.cold();
+            cold.spill = spill;
+            cold.adopted_backend = adopted_backend;
+        }
         if let Some(idle) = self.idle_ticks {
             self.slots[index].timer_filed = true;
             self.timers
@@ -387,7 +384,7 @@ fn describe(slot: &Slot, bufring: &super::bufring::BufRing, idle: Duration) -> F
         if i == 0 {
             // The rest of the preface goes before any relayed client byte.
             let (sent, len) = slot.flow.preface_left();
-            if let Some(greeting) = &slot.greeting {
+            if let Some(greeting) = slot.greeting() {
                 if let Some(rest) = greeting.preface.get(sent as usize..len as usize) {
                     pipe.pending.extend_from_slice(rest);
                 }
@@ -403,7 +400,7 @@ fn describe(slot: &Slot, bufring: &super::bufring::BufRing, idle: Duration) -> F
                     let bytes = unsafe { std::slice::from_raw_parts(start, len as usize) };
                     pipe.pending.extend_from_slice(bytes);
                 }
-                Data::Spill => match slot.spill.as_ref() {
+                Data::Spill => match slot.spill() {
                     Some(spill) => {
                         let spilled = &spill[i];
                         let end = (offset as usize + len as usize).min(spilled.len());
@@ -421,14 +418,14 @@ fn describe(slot: &Slot, bufring: &super::bufring::BufRing, idle: Duration) -> F
         backend: slot
             .backend_index
             .zip(slot.backend_set.as_ref())
-            .and_then(|(i, set)| set.backends.get(i))
+            .and_then(|(i, set)| set.backends.get(i as usize))
             .map(|b| b.name.to_string())
-            .or_else(|| slot.adopted_backend.as_ref().map(|n| n.to_string()))
+            .or_else(|| slot.adopted_backend().map(|n| n.to_string()))
             .or_else(|| Some(String::new())),
         bytes: [up, down],
-        age: slot.accepted_at.elapsed(),
+        age: slot.age(),
         idle,
-        connect_time: slot.connect_time,
+        connect_time: slot.connect_time(),
         pipes,
         quiesced_at: 0,
     }

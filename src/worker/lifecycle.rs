@@ -97,7 +97,7 @@ impl Worker {
             .slots
             .iter()
             // An exported flow belongs to the successor until the handover fails: never closed.
-            .filter(|(_, slot)| slot.handover != super::handover::Mark::Exported && which(slot))
+            .filter(|(_, slot)| slot.handover() != super::handover::Mark::Exported && which(slot))
             .map(|(i, _)| i)
             .collect();
         for index in chosen {
@@ -128,11 +128,10 @@ impl Worker {
             |slot| {
                 slot.backend_index
                     .zip(slot.backend_set.as_ref())
-                    .and_then(|(i, set)| set.backends.get(i))
+                    .and_then(|(i, set)| set.backends.get(i as usize))
                     .is_some_and(|b| due.contains(&b.name))
                     || slot
-                        .adopted_backend
-                        .as_ref()
+                        .adopted_backend()
                         .is_some_and(|name| due.contains(name))
             },
             CloseReason::Shutdown,
@@ -158,7 +157,7 @@ impl Worker {
             if slot.generation != generation || slot.flow.phase() == Phase::Closing {
                 continue;
             }
-            if slot.handover == super::handover::Mark::Exported {
+            if slot.handover() == super::handover::Mark::Exported {
                 // Moving to the successor: its idle time counts there. Back here if the
                 // handover fails.
                 self.timers.schedule(now + 1, (index, generation));

@@ -56,8 +56,8 @@ impl Worker {
             let backend = slot
                 .backend_index
                 .zip(slot.backend_set.as_ref())
-                .and_then(|(i, set)| set.backends.get(i))
-                .filter(|_| slot.connect_time.is_some());
+                .and_then(|(i, set)| set.backends.get(i as usize))
+                .filter(|_| slot.connected);
             if let Some(backend) = backend {
                 let entry = per_backend
                     .entry(Arc::as_ptr(&backend.stats))

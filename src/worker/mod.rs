@@ -17,6 +17,7 @@ mod live_bytes;
 mod ops;
 mod rate_limited;
 mod ring;
+mod slot;
 mod submit;
 mod timer;
 mod token;
@@ -41,7 +42,6 @@ use crate::events::Event;
 use crate::flow::{Flow, Limits, Op};
 use crate::metrics::WorkerStatsWriter;
 use crate::snapshot::{BackendLoad, BackendSet, PickState, Snapshot};
-use crate::source_limit::SourceTicket;
 use bufring::BufRing;
 pub use edge::Edge;
 pub use handoff::{for_workers as handoffs_for_workers, Handoff};
@@ -120,50 +120,47 @@ pub struct Settings {
 /// Buffers a pipe may hold before it stops reading (its budget while the pool is roomy; one when
 /// it is tight, see flow.rs): 4 x 64 KiB keeps a bulk flow streaming while a slow reader ties up
 /// at most 256 KiB per direction (4 buffers whatever --buffer-size).
-const MAX_QUEUED_BUFFERS: usize = 4;
+const MAX_QUEUED_BUFFERS: u8 = 4;
 /// Submission queue entries; the completion queue is 4x larger because multishot operations
 /// post many completions per submission.
 const RING_ENTRIES: u32 = 4096;
 const BUFFER_GROUP: u16 = 0;
 
 /// One accepted flow and the resources the worker holds for it.
+///
+/// Every open flow pays for this struct (the slab holds one per flow), idle or not, so it holds
+/// only what every flow needs for its whole life; what most flows need briefly or never is in
+/// `cold`, allocated only when needed (see `slot.rs`, which also checks the size at compile time).
 struct Slot {
     generation: u32,
+    /// The backend in `backend_set` this flow connects or connected to.
+    backend_index: Option<u32>,
     flow: Flow,
     client: OwnedFd,
     backend: Option<Socket>,
+    /// The client (from the PROXY header behind a trusted load balancer); the backend hash key
+    /// is computed from it when a connect picks a backend.
     client_addr: SocketAddr,
-    key_hash: u64,
-    backend_index: Option<usize>,
     /// The backend set `backend_index` refers to (snapshots may change during the flow).
     backend_set: Option<Arc<BackendSet>>,
     /// Active-flow gauge of the backend this flow holds, released when the flow ends.
     backend_load: Option<Arc<BackendLoad>>,
-    /// Backends already tried by this flow's connect attempts.
-    tried: Vec<u32>,
     /// Tick of the last byte moved either way.
     last_active: u64,
-    /// Filed in the timer wheel for the idle timeout.
-    timer_filed: bool,
-    accepted_at: Instant,
-    /// When the connect in flight was submitted.
-    connect_started: Option<Instant>,
-    /// How long the successful connect took.
-    connect_time: Option<Duration>,
-    /// This flow's share of `--max-conns-per-source`.
-    ticket: Option<SourceTicket>,
-    /// PROXY protocol state, only for flows that read or send a header.
-    greeting: Option<Box<Greeting>>,
-    /// Undelivered bytes of a stalled pipe moved off the buffer ring (flow.rs, "spill"), by
-    /// `Side::pipe_index`; boxed so flows without one pay one pointer.
-    spill: Option<Box<[Vec<u8>; 2]>>,
+    /// When the flow was accepted, in CLOCK_MONOTONIC ns (`Instant`'s clock on Linux; 8 bytes
+    /// instead of 16).
+    accepted_ns: u64,
+    /// Until `connected`: when the connect in flight was submitted (CLOCK_MONOTONIC ns); after:
+    /// how long the successful connect took (ns). See `Slot::connect_time`.
+    connect_ns: u64,
     /// The flow's bytes (up, down) already added to the counters (`live_bytes`).
     bytes_accounted: (u64, u64),
-    /// Where the flow is in an upgrade handover.
-    handover: handover::Mark,
-    /// The backend of a flow adopted from the previous process when this process's set has no
-    /// backend of that name (it follows `--drain-timeout`).
-    adopted_backend: Option<Arc<str>>,
+    /// Filed in the timer wheel for the idle timeout.
+    timer_filed: bool,
+    /// A connect succeeded (or the flow was adopted relaying): `connect_ns` is its duration.
+    connected: bool,
+    /// Connect retries, PROXY protocol, spill, source ticket, handover: `None` for most flows.
+    cold: Option<Box<slot::Cold>>,
 }
 
 /// Per-flow PROXY protocol state, boxed so flows without it pay one pointer.
@@ -298,7 +295,7 @@ impl Worker {
             .idle_timeout
             .map(|idle| (idle.as_nanos() / tick.as_nanos()).max(1) as u64);
         let limits = Limits {
-            retries: settings.retries,
+            retries: u8::try_from(settings.retries).unwrap_or(u8::MAX),
             max_queued: MAX_QUEUED_BUFFERS,
             read_header: settings.edge.trusted.is_some(),
         };
@@ -319,7 +316,7 @@ impl Worker {
             events: setup.events,
             pick: PickState::new(setup.id as u64),
             active_flows: setup.active_flows,
-            slots: Slab::new(),
+            slots: Slab::with_capacity(slot::slab_start_capacity()),
             next_generation: 1,
             ops: Vec::with_capacity(16),
             completions: Vec::with_capacity(1024),
@@ -380,6 +377,8 @@ impl Worker {
             let entered = if self.has_expiry_backlog() || self.has_start_backlog() {
                 self.submit_and_collect()
             } else {
+                // About to wait: a burst's leftover buffer pages go back now (O(1) otherwise).
+                self.bufring.trim_quiet();
                 self.ring.submit_and_wait(1)
             };
             match entered {

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use io_uring::{opcode, squeue, types};
 
+use crate::balance::flow_key_hash;
 use crate::control::health::{classify_connect_error, ConnectFailure};
 use crate::flow::{CloseReason, Data, Op, Side, Target, TIGHT_RECV_BYTES};
 use crate::proxy_protocol;
@@ -55,7 +56,11 @@ impl Worker {
         };
         let entry = match op {
             Op::ReadHeader => {
-                let Some(greeting) = slot.greeting.as_mut() else {
+                let Some(greeting) = slot
+                    .cold
+                    .as_deref_mut()
+                    .and_then(|c| c.greeting.as_deref_mut())
+                else {
                     return;
                 };
                 let left = greeting.deadline.saturating_duration_since(Instant::now());
@@ -88,7 +93,7 @@ impl Worker {
                 return;
             }
             Op::SendPreface { offset, len } => {
-                let (Some(greeting), Some(fd)) = (&slot.greeting, fd(slot, Side::Backend)) else {
+                let (Some(greeting), Some(fd)) = (slot.greeting(), fd(slot, Side::Backend)) else {
                     return;
                 };
                 // The preface is not touched while its send is in flight and lives in the slot.
@@ -134,7 +139,7 @@ impl Worker {
                 let ptr = match data {
                     Data::Buffer(buf) => self.bufring.buffer(buf),
                     Data::Spill => {
-                        let Some(spill) = slot.spill.as_ref() else {
+                        let Some(spill) = slot.spill() else {
                             return;
                         };
                         // The spill is not resized while this send is in flight: the flow
@@ -160,19 +165,22 @@ impl Worker {
                 // emits its ReturnBuffer right after this op), and the kernel wrote at least
                 // offset + len bytes into it, so the range is initialised and nobody writes it.
                 let bytes = unsafe { std::slice::from_raw_parts(start, len as usize) };
-                slot.spill.get_or_insert_with(Default::default)[from.pipe_index()]
+                slot.cold().spill.get_or_insert_with(Default::default)[from.pipe_index()]
                     .extend_from_slice(bytes);
                 self.spill_bytes += u64::from(len);
                 return;
             }
             Op::DropSpill(from) => {
-                if let Some(spill) = slot.spill.as_mut() {
-                    let freed = std::mem::take(&mut spill[from.pipe_index()]);
-                    self.spill_bytes -= freed.len() as u64;
-                    self.spill_freed += freed.capacity() as u64;
-                    if spill.iter().all(Vec::is_empty) {
-                        slot.spill = None;
+                if let Some(cold) = slot.cold.as_deref_mut() {
+                    if let Some(spill) = cold.spill.as_mut() {
+                        let freed = std::mem::take(&mut spill[from.pipe_index()]);
+                        self.spill_bytes -= freed.len() as u64;
+                        self.spill_freed += freed.capacity() as u64;
+                        if spill.iter().all(Vec::is_empty) {
+                            cold.spill = None;
+                        }
                     }
+                    slot.tidy_cold();
                 }
                 return;
             }
@@ -223,16 +231,26 @@ impl Worker {
             .as_ref()
             .is_some_and(|set| Arc::ptr_eq(set, &snapshot.set))
         {
-            slot.tried.clear();
+            if let Some(cold) = slot.cold.as_deref_mut() {
+                cold.tried.clear();
+            }
+            slot.backend_index = None;
             slot.backend_set = Some(Arc::clone(&snapshot.set));
         }
+        let key_hash = flow_key_hash(
+            &slot.client_addr,
+            self.settings.hash_key,
+            self.settings.hash_seed,
+        );
         loop {
-            let tried = &slot.tried;
-            let Some(backend) = snapshot.choose(slot.key_hash, &mut self.pick, |i| {
-                !tried.contains(&(i as u32))
+            // Tried: the current attempt's backend and those before it (`Cold::tried`).
+            let current = slot.backend_index;
+            let tried = slot.tried();
+            let Some(backend) = snapshot.choose(key_hash, &mut self.pick, |i| {
+                current != Some(i as u32) && !tried.contains(&(i as u32))
             }) else {
                 // Nothing left to try: after failed attempts that is a connect failure.
-                let reason = if slot.tried.is_empty() {
+                let reason = if current.is_none() {
                     CloseReason::NoBackend
                 } else {
                     CloseReason::ConnectFailed
@@ -240,7 +258,10 @@ impl Worker {
                 slot.flow.abort(reason, more);
                 return;
             };
-            slot.tried.push(backend as u32);
+            // The attempt before this one joins the list (a first attempt needs none).
+            if let Some(previous) = slot.backend_index.replace(backend as u32) {
+                slot.cold().tried.push(previous);
+            }
             let target = &snapshot.backends()[backend];
             let socket = match self
                 .settings
@@ -274,7 +295,7 @@ impl Worker {
                             target.name
                         )
                     });
-                    if slot.tried.len() as u32 > self.settings.retries {
+                    if slot.tried().len() as u32 + 1 > self.settings.retries {
                         slot.flow.abort(CloseReason::ConnectFailed, more);
                         return;
                     }
@@ -295,11 +316,10 @@ impl Worker {
                     .build()
                     .user_data(token(Kind::LinkTimeout));
             slot.backend = Some(socket);
-            slot.backend_index = Some(backend);
             target.load.active.fetch_add(1, Ordering::Relaxed);
             slot.backend_load = Some(Arc::clone(&target.load));
             slot.flow.on_connect_submitted();
-            slot.connect_started = Some(Instant::now());
+            slot.connect_submitted();
             // The two must be adjacent in the submission queue for the link to hold.
             self.push_linked(connect, timeout);
             return;
