@@ -65,3 +65,83 @@ pub fn new_ring(entries: u32) -> Result<IoUring, RingError> {
         .build(entries)
         .map_err(RingError)
 }
+
+/// `IORING_REGISTER_RING_FDS` and `IORING_ENTER_REGISTERED_RING` (the io-uring crate keeps its
+/// constants private, and its `Submitter::register_ring_fd` is lost with the `Submitter`, which
+/// `IoUring::submitter()` makes afresh each call).
+const IORING_REGISTER_RING_FDS: libc::c_uint = 20;
+const IORING_ENTER_REGISTERED_RING: u32 = 16;
+
+/// How `io_uring_enter` names this ring: by an index into the thread's registered ring table
+/// (the kernel then skips the descriptor lookup and its reference count on every call; the
+/// table is per task, so only the registering thread may use it), or by its descriptor.
+#[derive(Clone, Copy, Debug)]
+pub struct RingHandle {
+    fd: libc::c_int,
+    flag: u32,
+}
+
+impl RingHandle {
+    /// Registers `ring`'s descriptor for the calling thread; falls back to the plain descriptor
+    /// on kernels before 5.18.
+    pub fn register(ring: &IoUring) -> RingHandle {
+        use std::os::fd::AsRawFd;
+        let fd = ring.as_raw_fd();
+        // struct io_uring_rsrc_update { __u32 offset; __u32 resv; __aligned_u64 data; }
+        #[repr(C)]
+        struct RsrcUpdate {
+            offset: u32,
+            resv: u32,
+            data: u64,
+        }
+        let mut update = RsrcUpdate {
+            offset: u32::MAX, // any free slot; the kernel writes back the one it chose
+            resv: 0,
+            data: fd as u64,
+        };
+        // SAFETY: io_uring_register with one valid io_uring_rsrc_update, which lives across the
+        // call; the kernel only reads `data` and writes `offset`.
+        let res = unsafe {
+            libc::syscall(
+                libc::SYS_io_uring_register,
+                fd,
+                IORING_REGISTER_RING_FDS,
+                &mut update as *mut RsrcUpdate,
+                1,
+            )
+        };
+        if res == 1 {
+            RingHandle {
+                fd: update.offset as libc::c_int,
+                flag: IORING_ENTER_REGISTERED_RING,
+            }
+        } else {
+            RingHandle { fd, flag: 0 }
+        }
+    }
+
+    /// `io_uring_enter(to_submit, min_complete, flags)` with no argument.
+    ///
+    /// # Safety
+    /// Every entry in the submission queue must be valid until the kernel consumes it, and the
+    /// caller must be the thread that called `register`.
+    pub unsafe fn enter(&self, to_submit: u32, min_complete: u32, flags: u32) -> io::Result<usize> {
+        // SAFETY: as the caller promises; no pointer is passed.
+        let res = unsafe {
+            libc::syscall(
+                libc::SYS_io_uring_enter,
+                self.fd,
+                to_submit,
+                min_complete,
+                flags | self.flag,
+                std::ptr::null::<libc::c_void>(),
+                0usize,
+            )
+        };
+        if res < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(res as usize)
+        }
+    }
+}
