@@ -43,7 +43,6 @@ use crate::source_limit::SourceTicket;
 use bufring::BufRing;
 pub use edge::Edge;
 use rate_limited::RateLimited;
-use ring::RingHandle;
 pub use ring::{new_ring, RingError};
 use timer::TimerWheel;
 use token::{Kind, Token};
@@ -192,8 +191,6 @@ struct Worker {
     // Field order is drop order: the ring goes first, so the kernel stops using the buffers,
     // timespecs and wake buffer declared after it before they are freed.
     ring: IoUring,
-    /// How this thread names `ring` to io_uring_enter (registered: no descriptor lookup).
-    enter: RingHandle,
     bufring: BufRing,
     wake_buf: Box<[u8; 64]>,
     connect_timespec: Box<types::Timespec>,
@@ -299,7 +296,6 @@ impl Worker {
             read_header: settings.edge.trusted.is_some(),
         };
         Ok(Worker {
-            enter: RingHandle::register(&ring),
             ring,
             bufring,
             wake_buf: Box::new([0; 64]),
@@ -375,7 +371,7 @@ impl Worker {
             let entered = if self.has_expiry_backlog() || self.has_start_backlog() {
                 self.submit_and_collect()
             } else {
-                self.submit_and_wait_one()
+                self.ring.submit_and_wait(1)
             };
             match entered {
                 Ok(_) => self.retired.clear(),

@@ -49,17 +49,14 @@ impl Worker {
     /// busy with a long batch of its own still serves them every turn.
     pub(super) fn submit_and_collect(&mut self) -> std::io::Result<usize> {
         let pending = self.ring.submission().len() as u32;
-        // SAFETY: the entries already in the queue are valid as `push` documents, and the
-        // worker's own thread registered `enter` (Worker::new runs on it).
-        unsafe { self.enter.enter(pending, 0, IORING_ENTER_GETEVENTS) }
-    }
-
-    /// Submits and sleeps until at least one completion is posted: `IoUring::submit_and_wait(1)`
-    /// through the registered ring descriptor.
-    pub(super) fn submit_and_wait_one(&mut self) -> std::io::Result<usize> {
-        let pending = self.ring.submission().len() as u32;
-        // SAFETY: as in `submit_and_collect`.
-        unsafe { self.enter.enter(pending, 1, IORING_ENTER_GETEVENTS) }
+        // SAFETY: io_uring_enter with GETEVENTS, min_complete 0 and no argument: it only
+        // submits the entries already in the queue (valid as `push` documents) and runs
+        // pending work; no pointer is passed.
+        unsafe {
+            self.ring
+                .submitter()
+                .enter::<libc::sigset_t>(pending, 0, IORING_ENTER_GETEVENTS, None)
+        }
     }
 
     /// The submission queue is full: hand it to the kernel now.
