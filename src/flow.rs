@@ -88,6 +88,9 @@ pub enum Target {
     Connect,
     HeaderRecv,
     Preface,
+    /// A readiness poll of a splicing pipe: POLLIN on its source, POLLOUT on its destination.
+    PollIn(Side),
+    PollOut(Side),
 }
 
 /// What the worker must do for this flow.
@@ -137,6 +140,28 @@ pub enum Op {
     WaitForBuffers,
     /// Nothing is in flight any more: close both sockets (with an RST where asked) and free the slot.
     Release(Ending),
+    /// The pipe reading `from` proved bulk: lend it a kernel pipe from the worker's pool and
+    /// answer at once with `on_pipe` (see "Splice" in the module docs).
+    TakePipe(Side),
+    /// splice(2) at most `len` bytes from `from`'s socket into its kernel pipe, now, without
+    /// blocking; the result goes to `on_spliced_in` at once.
+    SpliceIn { from: Side, len: u32 },
+    /// splice(2) at most `len` bytes from the kernel pipe of the pipe reading `from` to the
+    /// other side's socket, now, without blocking; the result goes to `on_spliced_out` at once.
+    SpliceOut { from: Side, len: u32 },
+    /// One-shot POLLIN on `from`'s socket (a splicing source had nothing to read); the
+    /// completion goes to `on_poll_in`.
+    PollIn(Side),
+    /// One-shot POLLOUT on `to`'s socket (a splicing destination took only part); the
+    /// completion goes to `on_poll_out`.
+    PollOut(Side),
+    /// Read every byte out of the kernel pipe of the pipe reading `from` onto the end of its
+    /// spill (leaving splice with bytes in the pipe: a handover, a splice error), now; the
+    /// count goes to `on_pipe_drained`.
+    DrainPipe(Side),
+    /// Give the kernel pipe of the pipe reading `from` back to the pool; `empty`: no byte is
+    /// left in it (otherwise it is closed).
+    ReturnPipe { from: Side, empty: bool },
 }
 
 /// How a flow ended: for logs and counters.
@@ -200,6 +225,19 @@ enum RecvState {
     Eof,
 }
 
+/// Whether a pipe relays through ring buffers or a kernel pipe (splice).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SpliceMode {
+    /// Buffered; may switch once it proves bulk.
+    Off,
+    /// Asked the worker for a kernel pipe (`Op::TakePipe`); the answer comes at once.
+    Asked,
+    /// Holds a kernel pipe: once the buffered bytes are delivered, bytes move by splice.
+    On,
+    /// Buffered for good: splice failed on these sockets.
+    Never,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ShutdownState {
     NotYet,
@@ -242,6 +280,22 @@ struct Pipe {
     shutdown: ShutdownState,
     /// Bytes delivered to the destination.
     bytes: u64,
+    splice: SpliceMode,
+    /// Receives in a row that filled a whole buffer (the sign of a bulk direction).
+    full_recvs: u8,
+    /// Splice rounds since the last poll (bounded, so one flow cannot hold the worker).
+    splice_rounds: u8,
+    /// Bytes in the kernel pipe (spliced in, not yet out).
+    in_pipe: u32,
+    /// A POLLIN on the source / POLLOUT on the destination is in flight.
+    poll_in: bool,
+    poll_out: bool,
+    /// A `SpliceIn` / `SpliceOut` was emitted and its result has not come back yet.
+    splice_in_pending: bool,
+    splice_out_pending: bool,
+    /// The last splice in found the kernel pipe full (EAGAIN with bytes in it): read again
+    /// only after the destination took some.
+    pipe_full: bool,
 }
 
 impl Pipe {
@@ -256,7 +310,25 @@ impl Pipe {
             spill_len: 0,
             shutdown: ShutdownState::NotYet,
             bytes: 0,
+            splice: SpliceMode::Off,
+            full_recvs: 0,
+            splice_rounds: 0,
+            in_pipe: 0,
+            poll_in: false,
+            poll_out: false,
+            splice_in_pending: false,
+            splice_out_pending: false,
+            pipe_full: false,
         }
+    }
+
+    /// Holds a kernel pipe and nothing buffered is left to deliver first: bytes move by splice.
+    fn splicing(&self) -> bool {
+        self.splice == SpliceMode::On
+            && self.recv != RecvState::Armed
+            && self.sending.is_none()
+            && self.queue.is_empty()
+            && self.spill_len == 0
     }
 
     /// Ring buffers this pipe holds (queued or being sent).
@@ -269,6 +341,10 @@ impl Pipe {
         u32::from(self.recv == RecvState::Armed)
             + u32::from(self.sending.is_some())
             + u32::from(self.shutdown == ShutdownState::InFlight)
+            + u32::from(self.poll_in)
+            + u32::from(self.poll_out)
+            + u32::from(self.splice_in_pending)
+            + u32::from(self.splice_out_pending)
     }
 }
 
@@ -281,7 +357,19 @@ pub struct Limits {
     pub max_queued: usize,
     /// Read a PROXY protocol header from the client before anything else.
     pub read_header: bool,
+    /// Bytes a recv asks for while the pool is roomy (the buffer size): a recv that fills it
+    /// counts towards switching its direction to splice.
+    pub recv_bytes: u32,
+    /// Bytes a direction may hold in a kernel pipe when it splices; 0: splice is off.
+    pub splice_bytes: u32,
 }
+
+/// Receives in a row that must fill a whole buffer before a direction asks for a kernel pipe:
+/// one full buffer may be a single large message, two in a row is a stream.
+pub const FULL_RECVS_TO_SPLICE: u8 = 2;
+/// Splice rounds (in, then out) a direction makes before it lets other flows run: it then
+/// polls its source, which completes at once if more is there.
+const SPLICE_ROUNDS: u8 = 8;
 
 #[derive(Debug)]
 pub struct Flow {
@@ -483,6 +571,7 @@ impl Flow {
         tight: bool,
         ops: &mut Vec<Op>,
     ) {
+        let limits = self.limits;
         let pipe = &mut self.pipes[from.pipe()];
         if pipe.recv == RecvState::Armed {
             pipe.recv = RecvState::Off;
@@ -497,6 +586,19 @@ impl Flow {
         }
         match (res, buf) {
             (len, Some(buf)) if len > 0 => {
+                if limits.splice_bytes > 0 && pipe.splice == SpliceMode::Off {
+                    // A direction proves bulk by filling whole buffers; small messages never
+                    // do, so request/response traffic stays on the buffered path.
+                    if len as u32 >= limits.recv_bytes && !tight {
+                        pipe.full_recvs = pipe.full_recvs.saturating_add(1);
+                    } else {
+                        pipe.full_recvs = 0;
+                    }
+                    if pipe.full_recvs >= FULL_RECVS_TO_SPLICE {
+                        pipe.splice = SpliceMode::Asked;
+                        ops.push(Op::TakePipe(from));
+                    }
+                }
                 let chunk = Chunk {
                     data: Data::Buffer(buf),
                     len: len as u32,
@@ -763,6 +865,12 @@ impl Flow {
             if pipe.sending.is_some() && !pipe.reclaiming {
                 targets.push(Target::Send(from.other()));
             }
+            if pipe.poll_in {
+                targets.push(Target::PollIn(from));
+            }
+            if pipe.poll_out {
+                targets.push(Target::PollOut(from.other()));
+            }
             self.cancel(&targets, ops);
         }
         let mut targets = Vec::new();
@@ -808,6 +916,7 @@ impl Flow {
                     self.pipes[from.pipe()].spill_len = 0;
                     ops.push(Op::DropSpill(from));
                 }
+                self.return_pipe(from, ops);
             }
             ops.push(Op::Release(ending));
         }
@@ -829,6 +938,14 @@ impl Flow {
     /// Arm the recv on `from` if it is off, nothing blocks it, and the pipe holds fewer buffers
     /// than its budget (`max_queued`, or one while the pool is tight), with no spill waiting.
     fn rearm_if_room(&mut self, from: Side, tight: bool, ops: &mut Vec<Op>) {
+        if matches!(
+            self.pipes[from.pipe()].splice,
+            SpliceMode::Asked | SpliceMode::On
+        ) {
+            // A splicing direction never receives into buffers again.
+            self.drive_splice(from, ops);
+            return;
+        }
         let pipe = &self.pipes[from.pipe()];
         let budget = if tight { 1 } else { self.limits.max_queued };
         if self.phase == Phase::Relaying
@@ -859,12 +976,274 @@ impl Flow {
         }
         if let Some(chunk) = pipe.queue.pop_front() {
             Self::start_send(pipe, from, chunk, ops);
-        } else if pipe.recv == RecvState::Eof && pipe.shutdown == ShutdownState::NotYet {
+        } else if pipe.recv == RecvState::Eof
+            && pipe.shutdown == ShutdownState::NotYet
+            && pipe.in_pipe == 0
+            && !pipe.splice_in_pending
+            && !pipe.splice_out_pending
+        {
             pipe.shutdown = ShutdownState::InFlight;
             ops.push(Op::Shutdown(from.other()));
         }
     }
 }
+/// Splice: a bulk direction relays through a kernel pipe instead of ring buffers.
+///
+/// A direction whose receives fill whole buffers `FULL_RECVS_TO_SPLICE` times in a row (never
+/// while the pool is tight, never before the preface is out) asks the worker for a kernel pipe
+/// (`Op::TakePipe`). If one is lent (`on_pipe`), the direction stops receiving into buffers,
+/// delivers what it already holds (queue, send in flight, spill: the oldest bytes go first),
+/// and only then moves bytes with non-blocking splice calls the worker makes at once
+/// (`Op::SpliceIn`, `Op::SpliceOut`, results in `on_spliced_in`/`on_spliced_out`). Readiness
+/// comes from the ring: a splice in that finds nothing arms a one-shot POLLIN on the source, a
+/// splice out that the destination takes only in part arms a POLLOUT on it. The pipe holds at
+/// most `Limits::splice_bytes` (the direction's byte budget), so a stalled reader stops the
+/// reads from its source exactly as a full buffered pipe does. EOF (a splice in of 0) becomes
+/// the shutdown once the kernel pipe is empty. A direction never switches back, except when a
+/// splice call fails with an error that says splice does not work on these sockets (EINVAL
+/// and the like): its bytes are then read out of the pipe into the spill and it relays
+/// through buffers for good.
+impl Flow {
+    /// The worker's answer to `Op::TakePipe`.
+    pub fn on_pipe(&mut self, from: Side, granted: bool, tight: bool, ops: &mut Vec<Op>) {
+        let pipe = &mut self.pipes[from.pipe()];
+        if pipe.splice != SpliceMode::Asked {
+            return;
+        }
+        if granted {
+            pipe.splice = SpliceMode::On;
+        } else {
+            // No pipe free: stay buffered, and prove bulk again before the next ask.
+            pipe.splice = SpliceMode::Off;
+            pipe.full_recvs = 0;
+        }
+        if self.phase == Phase::Closing {
+            self.release_if_idle(ops);
+            return;
+        }
+        self.rearm_if_room(from, tight, ops);
+    }
+
+    /// The result of `Op::SpliceIn`: bytes moved into the kernel pipe, 0 for EOF, or -errno.
+    pub fn on_spliced_in(&mut self, from: Side, res: i32, ops: &mut Vec<Op>) {
+        let pipe = &mut self.pipes[from.pipe()];
+        pipe.splice_in_pending = false;
+        if res > 0 {
+            pipe.in_pipe += res as u32;
+        }
+        if self.phase == Phase::Closing {
+            self.release_if_idle(ops);
+            return;
+        }
+        match res {
+            n if n > 0 => {}
+            0 => pipe.recv = RecvState::Eof,
+            e if -e == libc::EAGAIN && pipe.in_pipe > 0 => pipe.pipe_full = true,
+            e if -e == libc::EAGAIN => {
+                pipe.splice_rounds = 0;
+                if !self.quiescing {
+                    pipe.poll_in = true;
+                    ops.push(Op::PollIn(from));
+                }
+            }
+            e if -e == libc::EINTR => {}
+            e => {
+                match -e {
+                    libc::ECONNRESET | libc::EPIPE | libc::ETIMEDOUT | libc::EHOSTUNREACH => {
+                        self.abort_reset(from, ops)
+                    }
+                    errno if splice_unsupported(errno) => self.fall_back(from, ops),
+                    errno => self.abort(CloseReason::Error(errno), ops),
+                }
+                return;
+            }
+        }
+        self.drive_splice(from, ops);
+    }
+
+    /// The result of `Op::SpliceOut`: bytes moved to the destination, or -errno.
+    pub fn on_spliced_out(&mut self, from: Side, res: i32, ops: &mut Vec<Op>) {
+        let to = from.other();
+        let pipe = &mut self.pipes[from.pipe()];
+        pipe.splice_out_pending = false;
+        if res > 0 {
+            let moved = (res as u32).min(pipe.in_pipe);
+            pipe.in_pipe -= moved;
+            pipe.bytes += u64::from(moved);
+            pipe.pipe_full = false;
+        }
+        if self.phase == Phase::Closing {
+            self.release_if_idle(ops);
+            return;
+        }
+        match res {
+            n if n > 0 => {
+                if pipe.in_pipe > 0 && !self.quiescing {
+                    // The destination took only part: it is full; wait until it can take more.
+                    pipe.poll_out = true;
+                    ops.push(Op::PollOut(to));
+                }
+            }
+            e if -e == libc::EAGAIN => {
+                if !self.quiescing {
+                    pipe.poll_out = true;
+                    ops.push(Op::PollOut(to));
+                }
+            }
+            e if -e == libc::EINTR => {}
+            e => {
+                match -e {
+                    // Nothing taken from a non-empty pipe: the peer is gone, as for a send.
+                    0 | libc::EPIPE | libc::ECONNRESET | libc::ETIMEDOUT | libc::EHOSTUNREACH => {
+                        self.abort_reset(to, ops)
+                    }
+                    errno if splice_unsupported(errno) => self.fall_back(from, ops),
+                    errno => self.abort(CloseReason::Error(errno), ops),
+                }
+                return;
+            }
+        }
+        self.drive_splice(from, ops);
+    }
+
+    /// A POLLIN on a splicing source completed (ready, cancelled, or an error the next splice
+    /// will report).
+    pub fn on_poll_in(&mut self, from: Side, _res: i32, ops: &mut Vec<Op>) {
+        self.pipes[from.pipe()].poll_in = false;
+        if self.phase == Phase::Closing {
+            self.release_if_idle(ops);
+            return;
+        }
+        self.drive_splice(from, ops);
+    }
+
+    /// A POLLOUT on a splicing destination completed.
+    pub fn on_poll_out(&mut self, to: Side, _res: i32, ops: &mut Vec<Op>) {
+        let pipe = &mut self.pipes[to.other().pipe()];
+        pipe.poll_out = false;
+        pipe.pipe_full = false;
+        if self.phase == Phase::Closing {
+            self.release_if_idle(ops);
+            return;
+        }
+        self.drive_splice(to.other(), ops);
+    }
+
+    /// The result of `Op::DrainPipe`: `got` bytes were appended to the spill of the pipe
+    /// reading `from`, which is empty now (the worker read it to the end).
+    pub fn on_pipe_drained(&mut self, from: Side, got: u32, ops: &mut Vec<Op>) {
+        let pipe = &mut self.pipes[from.pipe()];
+        let expected = std::mem::take(&mut pipe.in_pipe);
+        if got > 0 {
+            // Splicing starts only once the queue and the spill are empty, and nothing is
+            // received into buffers after: the drained bytes are all there is to deliver.
+            debug_assert!(pipe.queue.is_empty() && pipe.sending.is_none());
+            let start = pipe.spill_len;
+            pipe.spill_len += got;
+            pipe.queue.push_back(Chunk {
+                data: Data::Spill,
+                offset: start,
+                len: pipe.spill_len,
+            });
+        }
+        if got != expected {
+            self.abort(CloseReason::Error(libc::EIO), ops);
+            return;
+        }
+        self.pump(from, ops);
+    }
+
+    /// Bytes in the kernel pipe of the pipe reading `from` (for tests and memory accounting).
+    pub fn bytes_in_pipe(&self, from: Side) -> u32 {
+        self.pipes[from.pipe()].in_pipe
+    }
+
+    /// Splice does not work on these sockets: relay through buffers for good, the bytes in the
+    /// kernel pipe first.
+    fn fall_back(&mut self, from: Side, ops: &mut Vec<Op>) {
+        let pipe = &mut self.pipes[from.pipe()];
+        pipe.splice = SpliceMode::Never;
+        if pipe.in_pipe > 0 {
+            ops.push(Op::DrainPipe(from));
+        }
+        // After the drain, which reads the pipe to its end.
+        ops.push(Op::ReturnPipe { from, empty: true });
+        if pipe.in_pipe == 0 {
+            self.pump(from, ops);
+            self.rearm_if_room(from, false, ops);
+        }
+    }
+
+    /// Gives the kernel pipe of the pipe reading `from` back, if it holds one.
+    fn return_pipe(&mut self, from: Side, ops: &mut Vec<Op>) {
+        let pipe = &mut self.pipes[from.pipe()];
+        if pipe.splice == SpliceMode::On {
+            pipe.splice = SpliceMode::Off;
+            ops.push(Op::ReturnPipe {
+                from,
+                empty: pipe.in_pipe == 0,
+            });
+        }
+    }
+
+    /// The next splice step of the pipe reading `from`: out first (the pipe's bytes go to the
+    /// destination), then in while the kernel pipe has room, or the shutdown after EOF.
+    fn drive_splice(&mut self, from: Side, ops: &mut Vec<Op>) {
+        if self.phase != Phase::Relaying || self.quiescing {
+            return;
+        }
+        let room = self.limits.splice_bytes;
+        let pipe = &mut self.pipes[from.pipe()];
+        if !pipe.splicing() {
+            return;
+        }
+        if pipe.in_pipe > 0 {
+            if !pipe.poll_out && !pipe.splice_out_pending {
+                pipe.splice_out_pending = true;
+                ops.push(Op::SpliceOut {
+                    from,
+                    len: pipe.in_pipe,
+                });
+            }
+        } else if pipe.recv == RecvState::Eof {
+            if pipe.shutdown == ShutdownState::NotYet && !pipe.splice_out_pending {
+                pipe.shutdown = ShutdownState::InFlight;
+                ops.push(Op::Shutdown(from.other()));
+            }
+            return;
+        }
+        if pipe.recv == RecvState::Off
+            && !pipe.poll_in
+            && !pipe.splice_in_pending
+            && !pipe.pipe_full
+            && pipe.in_pipe < room
+        {
+            if pipe.splice_rounds >= SPLICE_ROUNDS {
+                // Enough for one turn: the poll completes at once if more is waiting, after
+                // the other flows' completions.
+                pipe.splice_rounds = 0;
+                pipe.poll_in = true;
+                ops.push(Op::PollIn(from));
+            } else {
+                pipe.splice_rounds += 1;
+                pipe.splice_in_pending = true;
+                ops.push(Op::SpliceIn {
+                    from,
+                    len: room - pipe.in_pipe,
+                });
+            }
+        }
+    }
+}
+
+/// Errors that say splice cannot work on these descriptors (not that the connection failed).
+fn splice_unsupported(errno: i32) -> bool {
+    matches!(
+        errno,
+        libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS | libc::EBADF
+    )
+}
+
 /// One direction of a quiesced flow, for the handover (`Flow::export`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PipeExport {
@@ -910,6 +1289,17 @@ impl Flow {
             }
             if pipe.sending.is_some() && !pipe.reclaiming {
                 targets.push(Target::Send(from.other()));
+            }
+            if pipe.poll_in {
+                targets.push(Target::PollIn(from));
+            }
+            if pipe.poll_out {
+                targets.push(Target::PollOut(from.other()));
+            }
+            if pipe.in_pipe > 0 {
+                // Bytes in a kernel pipe cannot be handed over: they move to the spill now
+                // (polls in flight do not touch the pipe), and are exported with it.
+                ops.push(Op::DrainPipe(from));
             }
         }
         if self.preface_in_flight {
@@ -961,6 +1351,7 @@ impl Flow {
                 pipe.spill_len = 0;
                 ops.push(Op::DropSpill(from));
             }
+            self.return_pipe(from, ops);
         }
     }
 
@@ -1016,6 +1407,8 @@ mod tests {
         retries: 1,
         max_queued: 4,
         read_header: false,
+        recv_bytes: 65536,
+        splice_bytes: 0,
     };
 
     fn take(ops: &mut Vec<Op>) -> Vec<Op> {

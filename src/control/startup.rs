@@ -124,6 +124,7 @@ fn start_threads(
         buffers: config.buffers,
         edge,
         multishot_accept_room: (backlog.max(0) as usize + 64) * workers,
+        splice: config.splice,
     };
     let (events_tx, events) = crossbeam_channel::bounded(EVENT_QUEUE);
     let active_flows = Arc::new(AtomicUsize::new(0));

@@ -106,6 +106,7 @@ impl Worker {
             spill: None,
             bytes_accounted: (0, 0),
             handover: super::handover::Mark::No,
+            kernel_pipes: [None, None],
             adopted_backend: None,
         });
         let mut ops = std::mem::take(&mut self.ops);
@@ -223,6 +224,8 @@ impl Worker {
                 slot.flow.on_send(side, res, tight, &mut ops);
             }
             Kind::Shutdown(side) => slot.flow.on_shutdown(side, res, &mut ops),
+            Kind::PollIn(side) => slot.flow.on_poll_in(side, res, &mut ops),
+            Kind::PollOut(side) => slot.flow.on_poll_out(side, res, &mut ops),
             Kind::Cancel => slot.flow.on_cancel_done(&mut ops),
             Kind::Accept
             | Kind::AcceptCancel
@@ -260,6 +263,7 @@ impl Worker {
     pub(super) fn release(&mut self, index: usize, ending: Ending) {
         let mut slot = self.slots.remove(index);
         self.handover_forget(slot.handover);
+        self.return_kernel_pipes(&mut slot);
         // What the tick's flushes have not counted yet: the counters end exactly at the flow's
         // bytes, which the access log records whole.
         let (new_up, new_down) = live_bytes::take_unaccounted(&mut slot);

@@ -15,6 +15,7 @@ mod live_bytes;
 mod ops;
 mod rate_limited;
 mod ring;
+mod splice;
 mod submit;
 mod timer;
 mod token;
@@ -110,6 +111,8 @@ pub struct Settings {
     /// Room below `max_conns` under which accepts are single-shot: enough that every worker's
     /// multishot accept could take a full listen backlog without passing the limit.
     pub multishot_accept_room: usize,
+    /// `--splice auto`: bulk directions relay through kernel pipes (`worker/splice.rs`).
+    pub splice: bool,
 }
 
 /// Buffers a pipe may hold before it stops reading (its budget while the pool is roomy; one when
@@ -156,6 +159,8 @@ struct Slot {
     bytes_accounted: (u64, u64),
     /// Where the flow is in an upgrade handover.
     handover: handover::Mark,
+    /// Kernel pipes lent to the flow's splicing directions, by `Side::pipe_index`.
+    kernel_pipes: [Option<splice::KernelPipe>; 2],
     /// The backend of a flow adopted from the previous process when this process's set has no
     /// backend of that name (it follows `--drain-timeout`).
     adopted_backend: Option<Arc<str>>,
@@ -249,6 +254,9 @@ struct Worker {
     heartbeat: Arc<AtomicU64>,
     /// An upgrade handover in progress (`worker/handover.rs`).
     handover: Option<handover::Progress>,
+    /// Kernel pipes for splicing directions; `None` with `--splice off` or when the kernel
+    /// would not make one at start-up.
+    pipes: Option<splice::PipePool>,
 }
 
 /// Runs a worker on the current thread until it is told to stop. Ring set-up errors are
@@ -290,10 +298,27 @@ impl Worker {
         let idle_ticks = settings
             .idle_timeout
             .map(|idle| (idle.as_nanos() / tick.as_nanos()).max(1) as u64);
+        let budget = MAX_QUEUED_BUFFERS as u32 * settings.buffer_size;
+        let pipes = match settings.splice {
+            false => None,
+            true => match splice::PipePool::new(budget) {
+                Ok(pool) => Some(pool),
+                Err(e) => {
+                    log::warn!(
+                        "worker {}: cannot make a {budget}-byte kernel pipe ({e}); bulk flows \
+                         relay through buffers (see /proc/sys/fs/pipe-max-size)",
+                        setup.id
+                    );
+                    None
+                }
+            },
+        };
         let limits = Limits {
             retries: settings.retries,
             max_queued: MAX_QUEUED_BUFFERS,
             read_header: settings.edge.trusted.is_some(),
+            recv_bytes: settings.buffer_size,
+            splice_bytes: pipes.as_ref().map_or(0, splice::PipePool::size),
         };
         Ok(Worker {
             ring,
@@ -342,6 +367,7 @@ impl Worker {
             bytes_flushed_at: Instant::now(),
             heartbeat: setup.heartbeat,
             handover: None,
+            pipes,
         })
     }
 
@@ -356,6 +382,8 @@ impl Worker {
             }
             self.stats
                 .set_buffer_use(u64::from(self.bufring.lent()), self.spill_bytes);
+            self.stats
+                .set_pipes_in_use(self.pipes.as_ref().map_or(0, |p| p.in_use() as u64));
             if self.stopping
                 && self.slots.is_empty()
                 && self.parked.is_empty()

@@ -32,6 +32,10 @@ pub enum Kind {
     /// The last close of a released flow's sockets (not tied to a flow): its descriptors are
     /// gone, so its share of `--max-conns` is free again.
     FlowClosed,
+    /// Readiness of a splicing direction: POLLIN on its source socket.
+    PollIn(Side),
+    /// POLLOUT on a splicing direction's destination socket.
+    PollOut(Side),
 }
 
 impl Kind {
@@ -54,6 +58,10 @@ impl Kind {
             Kind::Preface => 15,
             Kind::Close => 16,
             Kind::FlowClosed => 17,
+            Kind::PollIn(Side::Client) => 18,
+            Kind::PollIn(Side::Backend) => 19,
+            Kind::PollOut(Side::Client) => 20,
+            Kind::PollOut(Side::Backend) => 21,
         }
     }
 
@@ -76,6 +84,10 @@ impl Kind {
             15 => Kind::Preface,
             16 => Kind::Close,
             17 => Kind::FlowClosed,
+            18 => Kind::PollIn(Side::Client),
+            19 => Kind::PollIn(Side::Backend),
+            20 => Kind::PollOut(Side::Client),
+            21 => Kind::PollOut(Side::Backend),
             _ => return None,
         })
     }
@@ -127,7 +139,7 @@ mod tests {
 
     #[test]
     fn round_trips_every_kind() {
-        for code in 1..=17u8 {
+        for code in 1..=21u8 {
             let kind = Kind::from_code(code).unwrap();
             assert_eq!(kind.code(), code);
             let token = Token::new(123_456, 0xabcdef, kind);
