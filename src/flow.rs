@@ -1187,37 +1187,34 @@ impl Flow {
     }
 
     /// The next splice step of the pipe reading `from`: out first (the pipe's bytes go to the
-    /// destination), then in while the kernel pipe has room, or the shutdown after EOF.
+    /// destination), then in while the kernel pipe has room, or the shutdown after EOF. At
+    /// most one splice call is asked for at a time, so a result never finds another one of the
+    /// same pipe queued behind it (a fall-back or a close acts on a quiet pipe).
     fn drive_splice(&mut self, from: Side, ops: &mut Vec<Op>) {
         if self.phase != Phase::Relaying || self.quiescing {
             return;
         }
         let room = self.limits.splice_bytes;
         let pipe = &mut self.pipes[from.pipe()];
-        if !pipe.splicing() {
+        if !pipe.splicing() || pipe.splice_in_pending || pipe.splice_out_pending {
             return;
         }
-        if pipe.in_pipe > 0 {
-            if !pipe.poll_out && !pipe.splice_out_pending {
-                pipe.splice_out_pending = true;
-                ops.push(Op::SpliceOut {
-                    from,
-                    len: pipe.in_pipe,
-                });
-            }
-        } else if pipe.recv == RecvState::Eof {
-            if pipe.shutdown == ShutdownState::NotYet && !pipe.splice_out_pending {
+        if pipe.in_pipe > 0 && !pipe.poll_out {
+            pipe.splice_out_pending = true;
+            ops.push(Op::SpliceOut {
+                from,
+                len: pipe.in_pipe,
+            });
+            return;
+        }
+        if pipe.in_pipe == 0 && pipe.recv == RecvState::Eof {
+            if pipe.shutdown == ShutdownState::NotYet {
                 pipe.shutdown = ShutdownState::InFlight;
                 ops.push(Op::Shutdown(from.other()));
             }
             return;
         }
-        if pipe.recv == RecvState::Off
-            && !pipe.poll_in
-            && !pipe.splice_in_pending
-            && !pipe.pipe_full
-            && pipe.in_pipe < room
-        {
+        if pipe.recv == RecvState::Off && !pipe.poll_in && !pipe.pipe_full && pipe.in_pipe < room {
             if pipe.splice_rounds >= SPLICE_ROUNDS {
                 // Enough for one turn: the poll completes at once if more is waiting, after
                 // the other flows' completions.
@@ -2449,5 +2446,435 @@ mod tests {
         f.on_cancel_done(&mut ops);
         assert!(ops.is_empty());
         assert_eq!(f.phase(), Phase::Relaying);
+    }
+}
+
+#[cfg(test)]
+mod splice_tests {
+    use super::*;
+    use Side::{Backend, Client};
+
+    const PIPE: u32 = 262_144;
+    const LIMITS: Limits = Limits {
+        retries: 1,
+        max_queued: 4,
+        read_header: false,
+        recv_bytes: 65536,
+        splice_bytes: PIPE,
+    };
+
+    fn take(ops: &mut Vec<Op>) -> Vec<Op> {
+        std::mem::take(ops)
+    }
+
+    fn relaying() -> Flow {
+        let mut f = Flow::new(LIMITS);
+        let mut ops = Vec::new();
+        f.start(&mut ops);
+        f.on_connect_submitted();
+        f.on_connect(0, &mut ops);
+        f.on_link_timeout(&mut ops);
+        f
+    }
+
+    /// A download that proved bulk, got its pipe, delivered its two buffers and now splices:
+    /// its first `SpliceIn` has been asked for.
+    fn splicing_download() -> (Flow, Vec<Op>) {
+        let mut f = relaying();
+        let mut ops = Vec::new();
+        f.on_recv(Backend, 65536, Some(1), true, false, &mut ops);
+        assert!(
+            !ops.contains(&Op::TakePipe(Backend)),
+            "one full buffer is not a stream"
+        );
+        ops.clear();
+        f.on_recv(Backend, 65536, Some(2), true, false, &mut ops);
+        assert_eq!(
+            take(&mut ops),
+            [Op::TakePipe(Backend)],
+            "no recv once it asked"
+        );
+        f.on_pipe(Backend, true, false, &mut ops);
+        assert!(ops.is_empty(), "buffered bytes first: nothing spliced yet");
+        f.on_send(Client, 65536, false, &mut ops);
+        assert!(
+            !ops.iter().any(|op| matches!(op, Op::SpliceIn { .. })),
+            "still a buffer queued: {ops:?}"
+        );
+        ops.clear();
+        f.on_send(Client, 65536, false, &mut ops);
+        assert_eq!(
+            take(&mut ops),
+            [
+                Op::ReturnBuffer(2),
+                Op::SpliceIn {
+                    from: Backend,
+                    len: PIPE
+                }
+            ]
+        );
+        (f, ops)
+    }
+
+    #[test]
+    fn a_bulk_direction_splices_only_after_its_buffered_bytes_are_delivered() {
+        let (mut f, mut ops) = splicing_download();
+        f.on_spliced_in(Backend, 100_000, &mut ops);
+        assert_eq!(
+            take(&mut ops),
+            [Op::SpliceOut {
+                from: Backend,
+                len: 100_000
+            }]
+        );
+        f.on_spliced_out(Backend, 100_000, &mut ops);
+        assert_eq!(
+            take(&mut ops),
+            [Op::SpliceIn {
+                from: Backend,
+                len: PIPE
+            }]
+        );
+        assert_eq!(f.bytes(), (0, 2 * 65536 + 100_000));
+        // The upload direction is untouched: still buffered.
+        f.on_recv(Client, 10, Some(3), false, false, &mut ops);
+        assert!(ops.contains(&Op::Send {
+            to: Backend,
+            data: Data::Buffer(3),
+            offset: 0,
+            len: 10
+        }));
+    }
+
+    #[test]
+    fn small_messages_never_ask_for_a_pipe() {
+        let mut f = relaying();
+        let mut ops = Vec::new();
+        for i in 0..50 {
+            f.on_recv(Client, 64, Some(i), false, false, &mut ops);
+            f.on_send(Backend, 64, false, &mut ops);
+        }
+        // Full buffers, but not in a row.
+        for i in 0..10 {
+            let len = if i % 2 == 0 { 65536 } else { 100 };
+            f.on_recv(Client, len, Some(i), false, false, &mut ops);
+            f.on_send(Backend, len, false, &mut ops);
+        }
+        assert!(
+            !ops.iter().any(|op| matches!(op, Op::TakePipe(_))),
+            "{ops:?}"
+        );
+    }
+
+    #[test]
+    fn no_pipe_free_keeps_the_buffered_path() {
+        let mut f = relaying();
+        let mut ops = Vec::new();
+        f.on_recv(Backend, 65536, Some(1), true, false, &mut ops);
+        f.on_recv(Backend, 65536, Some(2), true, false, &mut ops);
+        ops.clear();
+        f.on_pipe(Backend, false, false, &mut ops);
+        assert_eq!(
+            take(&mut ops),
+            [Op::Recv {
+                from: Backend,
+                poll_first: false,
+                small: false
+            }],
+            "two buffers held, room for more"
+        );
+    }
+
+    #[test]
+    fn an_empty_source_is_polled_and_a_full_destination_waits_for_pollout() {
+        let (mut f, mut ops) = splicing_download();
+        f.on_spliced_in(Backend, -libc::EAGAIN, &mut ops);
+        assert_eq!(take(&mut ops), [Op::PollIn(Backend)]);
+        f.on_poll_in(Backend, libc::POLLIN as i32, &mut ops);
+        assert_eq!(
+            take(&mut ops),
+            [Op::SpliceIn {
+                from: Backend,
+                len: PIPE
+            }]
+        );
+        f.on_spliced_in(Backend, 200_000, &mut ops);
+        ops.clear();
+        // The client takes only part: wait for POLLOUT; the pipe still has room, so read on.
+        f.on_spliced_out(Backend, 50_000, &mut ops);
+        assert_eq!(
+            take(&mut ops),
+            [
+                Op::PollOut(Client),
+                Op::SpliceIn {
+                    from: Backend,
+                    len: PIPE - 150_000
+                }
+            ]
+        );
+        // The kernel pipe is full (EAGAIN with bytes in it): no poll on the source, which
+        // would fire at once and spin; wait for the destination instead.
+        f.on_spliced_in(Backend, -libc::EAGAIN, &mut ops);
+        assert!(ops.is_empty(), "{ops:?}");
+        assert_eq!(f.bytes_in_pipe(Backend), 150_000);
+        f.on_poll_out(Client, libc::POLLOUT as i32, &mut ops);
+        assert_eq!(
+            take(&mut ops),
+            [Op::SpliceOut {
+                from: Backend,
+                len: 150_000
+            }]
+        );
+    }
+
+    #[test]
+    fn the_pipe_never_holds_more_than_the_budget() {
+        let (mut f, mut ops) = splicing_download();
+        f.on_spliced_in(Backend, PIPE as i32, &mut ops);
+        assert_eq!(
+            take(&mut ops),
+            [Op::SpliceOut {
+                from: Backend,
+                len: PIPE
+            }],
+            "a full pipe reads nothing more"
+        );
+        f.on_spliced_out(Backend, -libc::EAGAIN, &mut ops);
+        assert_eq!(take(&mut ops), [Op::PollOut(Client)]);
+        assert_eq!(f.bytes_in_pipe(Backend), PIPE);
+    }
+
+    #[test]
+    fn eof_becomes_the_shutdown_once_the_pipe_is_empty() {
+        let (mut f, mut ops) = splicing_download();
+        f.on_spliced_in(Backend, 1000, &mut ops);
+        ops.clear(); // out 1000
+        f.on_spliced_out(Backend, -libc::EAGAIN, &mut ops);
+        assert_eq!(
+            take(&mut ops),
+            [
+                Op::PollOut(Client),
+                Op::SpliceIn {
+                    from: Backend,
+                    len: PIPE - 1000
+                }
+            ]
+        );
+        f.on_spliced_in(Backend, 0, &mut ops);
+        assert!(
+            ops.is_empty(),
+            "bytes still in the pipe: no shutdown yet: {ops:?}"
+        );
+        f.on_poll_out(Client, libc::POLLOUT as i32, &mut ops);
+        ops.clear(); // out 1000
+        f.on_spliced_out(Backend, 1000, &mut ops);
+        assert_eq!(take(&mut ops), [Op::Shutdown(Client)]);
+        f.on_shutdown(Client, 0, &mut ops);
+        assert!(ops.is_empty());
+        // The other direction ends too: both shutdowns done, the pipe comes back empty.
+        f.on_recv(Client, 0, None, false, false, &mut ops);
+        assert_eq!(take(&mut ops), [Op::Shutdown(Backend)]);
+        f.on_shutdown(Backend, 0, &mut ops);
+        assert_eq!(
+            ops,
+            [
+                Op::ReturnPipe {
+                    from: Backend,
+                    empty: true
+                },
+                Op::Release(Ending {
+                    reason: CloseReason::Done,
+                    reset_client: false,
+                    reset_backend: false
+                })
+            ]
+        );
+        assert_eq!(f.bytes(), (0, 2 * 65536 + 1000));
+    }
+
+    #[test]
+    fn a_reset_while_the_pipe_holds_bytes_resets_the_other_side_and_closes_the_pipe() {
+        let (mut f, mut ops) = splicing_download();
+        f.on_spliced_in(Backend, 5000, &mut ops);
+        ops.clear();
+        f.on_spliced_out(Backend, -libc::EPIPE, &mut ops);
+        // The upload's recv is cancelled; release waits for it.
+        assert_eq!(take(&mut ops), [Op::Cancel(Target::Recv(Client))]);
+        f.on_recv(Client, -libc::ECANCELED, None, false, false, &mut ops);
+        f.on_cancel_done(&mut ops);
+        assert_eq!(
+            take(&mut ops),
+            [
+                Op::ReturnPipe {
+                    from: Backend,
+                    empty: false
+                },
+                Op::Release(Ending {
+                    reason: CloseReason::ClientReset,
+                    reset_client: false,
+                    reset_backend: true
+                })
+            ]
+        );
+    }
+
+    #[test]
+    fn closing_cancels_the_polls_and_releases_after_them() {
+        let (mut f, mut ops) = splicing_download();
+        f.on_spliced_in(Backend, -libc::EAGAIN, &mut ops);
+        ops.clear();
+        f.abort(CloseReason::IdleTimeout, &mut ops);
+        assert!(
+            ops.contains(&Op::Cancel(Target::PollIn(Backend))),
+            "{ops:?}"
+        );
+        assert!(released(&ops).is_none());
+        ops.clear();
+        f.on_poll_in(Backend, -libc::ECANCELED, &mut ops);
+        f.on_cancel_done(&mut ops);
+        f.on_recv(Client, -libc::ECANCELED, None, false, false, &mut ops);
+        f.on_cancel_done(&mut ops);
+        assert!(ops.contains(&Op::ReturnPipe {
+            from: Backend,
+            empty: true
+        }));
+        assert_eq!(
+            released(&ops).map(|e| e.reason),
+            Some(CloseReason::IdleTimeout)
+        );
+    }
+
+    fn released(ops: &[Op]) -> Option<Ending> {
+        ops.iter().find_map(|op| match op {
+            Op::Release(e) => Some(*e),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn a_splice_error_like_einval_falls_back_to_buffers_without_losing_bytes() {
+        let (mut f, mut ops) = splicing_download();
+        f.on_spliced_in(Backend, 3000, &mut ops);
+        ops.clear();
+        f.on_spliced_out(Backend, -libc::EINVAL, &mut ops);
+        assert_eq!(
+            take(&mut ops),
+            [
+                Op::DrainPipe(Backend),
+                Op::ReturnPipe {
+                    from: Backend,
+                    empty: true
+                }
+            ]
+        );
+        f.on_pipe_drained(Backend, 3000, &mut ops);
+        assert_eq!(
+            take(&mut ops),
+            [Op::Send {
+                to: Client,
+                data: Data::Spill,
+                offset: 0,
+                len: 3000
+            }]
+        );
+        f.on_send(Client, 3000, false, &mut ops);
+        assert_eq!(
+            take(&mut ops),
+            [
+                Op::DropSpill(Backend),
+                Op::Recv {
+                    from: Backend,
+                    poll_first: false,
+                    small: false
+                }
+            ]
+        );
+        assert_eq!(f.bytes(), (0, 2 * 65536 + 3000));
+    }
+
+    #[test]
+    fn a_fast_stream_yields_after_a_few_rounds() {
+        let (mut f, _) = splicing_download();
+        let mut ops = vec![Op::SpliceIn {
+            from: Backend,
+            len: PIPE,
+        }];
+        let mut polled = false;
+        for _ in 0..2 * SPLICE_ROUNDS {
+            let Some(Op::SpliceIn { len, .. }) = ops
+                .iter()
+                .copied()
+                .find(|op| matches!(op, Op::SpliceIn { .. }))
+            else {
+                polled = ops.contains(&Op::PollIn(Backend));
+                break;
+            };
+            ops.clear();
+            f.on_spliced_in(Backend, len as i32, &mut ops);
+            ops.clear();
+            f.on_spliced_out(Backend, len as i32, &mut ops);
+        }
+        assert!(polled, "never yielded: {ops:?}");
+    }
+
+    #[test]
+    fn a_handover_takes_the_bytes_in_the_pipe_and_a_resumed_flow_sends_them_first() {
+        let (mut f, mut ops) = splicing_download();
+        f.on_spliced_in(Backend, 7000, &mut ops);
+        ops.clear();
+        f.on_spliced_out(Backend, 2000, &mut ops);
+        assert_eq!(
+            take(&mut ops),
+            [
+                Op::PollOut(Client),
+                Op::SpliceIn {
+                    from: Backend,
+                    len: PIPE - 5000
+                }
+            ]
+        );
+        f.on_spliced_in(Backend, -libc::EAGAIN, &mut ops); // full: wait for the client
+        assert!(ops.is_empty(), "{ops:?}");
+        f.quiesce(&mut ops);
+        assert!(ops.contains(&Op::Cancel(Target::PollOut(Client))));
+        assert!(ops.contains(&Op::DrainPipe(Backend)));
+        ops.clear();
+        f.on_pipe_drained(Backend, 5000, &mut ops);
+        assert!(ops.is_empty(), "quiescing: nothing sent: {ops:?}");
+        f.on_poll_out(Client, -libc::ECANCELED, &mut ops);
+        f.on_cancel_done(&mut ops);
+        f.on_recv(Client, -libc::ECANCELED, None, false, false, &mut ops);
+        f.on_cancel_done(&mut ops);
+        assert!(f.is_quiesced());
+        assert_eq!(f.export()[1].pending, vec![(Data::Spill, 0, 5000)]);
+        assert_eq!(f.bytes(), (0, 2 * 65536 + 2000));
+        // The handover failed: the drained bytes go first, then splicing again.
+        ops.clear();
+        f.resume(false, &mut ops);
+        assert!(ops.contains(&Op::Send {
+            to: Client,
+            data: Data::Spill,
+            offset: 0,
+            len: 5000
+        }));
+        ops.clear();
+        f.on_send(Client, 5000, false, &mut ops);
+        assert_eq!(
+            ops,
+            [
+                Op::DropSpill(Backend),
+                Op::SpliceIn {
+                    from: Backend,
+                    len: PIPE
+                }
+            ]
+        );
+        // Handed off instead: the (empty) pipe goes back.
+        let mut ops = Vec::new();
+        f.hand_off(&mut ops);
+        assert!(ops.contains(&Op::ReturnPipe {
+            from: Backend,
+            empty: true
+        }));
     }
 }
