@@ -351,7 +351,11 @@ fn a_bad_splice_value_is_refused_naming_the_flag() {
         Duration::from_secs(10),
     );
     assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
-    assert!(out.stderr.contains("--splice"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("--splice") && out.stderr.contains("not one of auto, off"),
+        "{}",
+        out.stderr
+    );
     assert_eq!(out.stderr.trim().lines().count(), 1, "{}", out.stderr);
 }
 
@@ -369,5 +373,10 @@ fn request_response_traffic_never_takes_a_pipe() {
     client.read_exact(&mut big).unwrap();
     drop(client);
     let (_, samples) = scrape_until(&proxy, |s| metric(s, "ringway_flows_active", &[]) == 0.0);
+    assert!(
+        samples.iter().any(|s| s.name == "ringway_spliced_bytes_total"),
+        "no splice counter"
+    );
     assert_eq!(metric(&samples, "ringway_spliced_bytes_total", &[]), 0.0);
+    assert!(metric(&samples, "ringway_bytes_total", &[]) > 2000.0 * 10.0);
 }
