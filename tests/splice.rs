@@ -374,7 +374,9 @@ fn request_response_traffic_never_takes_a_pipe() {
     drop(client);
     let (_, samples) = scrape_until(&proxy, |s| metric(s, "ringway_flows_active", &[]) == 0.0);
     assert!(
-        samples.iter().any(|s| s.name == "ringway_spliced_bytes_total"),
+        samples
+            .iter()
+            .any(|s| s.name == "ringway_spliced_bytes_total"),
         "no splice counter"
     );
     assert_eq!(metric(&samples, "ringway_spliced_bytes_total", &[]), 0.0);
