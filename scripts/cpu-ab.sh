@@ -8,7 +8,10 @@
 # load generator run on CPU 0. Runs alternate A, B, HAProxy, REPEATS times, and each prints the
 # proxy's utime+stime divided by the requests, connections or bytes the load generator counted
 # (as scripts/bench.sh does), so two builds can be compared in one run on a noisy machine.
-# Everything started is stopped on exit, by PID.
+# Everything started is stopped on exit, by PID. HAPROXY_OPTIONS adds a line to HAProxy's
+# defaults section and HAPROXY_GLOBAL one to its global section, e.g. HAPROXY_OPTIONS="option
+# splice-auto" HAPROXY_GLOBAL="maxpipes 256" to compare against its splice (its default of
+# maxconn/4 pipes needs more descriptors than the limit here).
 set -u
 [ $# -ge 4 ] || { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 W=$1 REPS=$2 DUR=$3 A=$4 B=${5:-}
@@ -56,12 +59,14 @@ cat >"$D/haproxy.cfg" <<CFG
 global
     nbthread 1
     maxconn 9000
+    ${HAPROXY_GLOBAL:-}
 defaults
     mode tcp
     timeout connect 3s
     timeout client 10m
     timeout server 10m
     maxconn 9000
+    ${HAPROXY_OPTIONS:-}
 frontend fe
     bind 127.0.0.1:$((port + 2))
     default_backend be
