@@ -45,6 +45,7 @@ use bufring::BufRing;
 pub use edge::Edge;
 use rate_limited::RateLimited;
 pub use ring::{new_ring, RingError};
+pub use splice::pipes_per_worker;
 use timer::TimerWheel;
 use token::{Kind, Token};
 
@@ -111,8 +112,9 @@ pub struct Settings {
     /// Room below `max_conns` under which accepts are single-shot: enough that every worker's
     /// multishot accept could take a full listen backlog without passing the limit.
     pub multishot_accept_room: usize,
-    /// `--splice auto`: bulk directions relay through kernel pipes (`worker/splice.rs`).
-    pub splice: bool,
+    /// `--splice auto`: bulk directions relay through kernel pipes (`worker/splice.rs`), at
+    /// most this many lent at once by this worker; 0: `--splice off`.
+    pub splice_pipes: usize,
 }
 
 /// Buffers a pipe may hold before it stops reading (its budget while the pool is roomy; one when
@@ -299,9 +301,9 @@ impl Worker {
             .idle_timeout
             .map(|idle| (idle.as_nanos() / tick.as_nanos()).max(1) as u64);
         let budget = MAX_QUEUED_BUFFERS as u32 * settings.buffer_size;
-        let pipes = match settings.splice {
-            false => None,
-            true => match splice::PipePool::new(budget) {
+        let pipes = match settings.splice_pipes {
+            0 => None,
+            bound => match splice::PipePool::new(budget, bound) {
                 Ok(pool) => Some(pool),
                 Err(e) => {
                     log::warn!(

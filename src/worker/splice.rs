@@ -8,17 +8,26 @@
 //! the ring (a one-shot `POLL_ADD`, see flow.rs) and calls splice(2) with `SPLICE_F_NONBLOCK`
 //! itself, so the bytes still move on the worker's own CPU, only without the two copies.
 //!
-//! The pool is bounded (HAProxy's `maxpipes`): at most `MAX_PIPES_IN_USE` pipes lent at once
-//! per worker; a direction that finds none keeps relaying through buffers. Pipes come back
-//! empty and are kept for reuse up to `MAX_PIPES_KEPT`; a pipe that may hold bytes (a flow cut
-//! with bytes in it) is closed instead.
+//! The pool is bounded (HAProxy's `maxpipes`): at most `pipes_per_worker` pipes lent at once
+//! per worker (64, fewer under a low open-file limit); a direction that finds none keeps
+//! relaying through buffers. Pipes come back empty and are kept for reuse up to
+//! `MAX_PIPES_KEPT`; a pipe that may hold bytes (a flow cut with bytes in it) is closed
+//! instead. New pipes are made only when none is kept, so a worker never has more pipes than
+//! its bound: `2 x bound` descriptors, which start-up sets aside from `--max-conns`.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-/// Pipes lent to flows at once, per worker. Each holds at most a direction's byte budget
-/// (4 x 64 KiB by default), so a worker's pipes pin at most 16 MiB by default.
+/// Pipes lent to flows at once, per worker, at most. Each holds at most a direction's byte
+/// budget (4 x 64 KiB by default), so a worker's pipes pin at most 16 MiB by default.
 pub const MAX_PIPES_IN_USE: usize = 64;
+
+/// How many pipes each worker may lend: 64, or fewer when the open-file limit is low (a
+/// sixty-fourth of it shared by the workers, at least one), so pipes never take the
+/// descriptors flows need.
+pub fn pipes_per_worker(fd_limit: u64, workers: usize) -> usize {
+    (fd_limit / 64 / workers.max(1) as u64).clamp(1, MAX_PIPES_IN_USE as u64) as usize
+}
 /// Empty pipes kept for the next bulk direction (two descriptors each).
 const MAX_PIPES_KEPT: usize = 16;
 /// The kernel's default ceiling for an unprivileged pipe (`/proc/sys/fs/pipe-max-size`).
@@ -58,6 +67,8 @@ impl KernelPipe {
 pub struct PipePool {
     free: Vec<KernelPipe>,
     in_use: usize,
+    /// Pipes lent at once, at most.
+    bound: usize,
     /// Bytes a flow may put in one pipe: the direction's byte budget.
     size: u32,
 }
@@ -65,12 +76,13 @@ pub struct PipePool {
 impl PipePool {
     /// A pool for pipes of `budget` bytes (capped at the kernel's default pipe-max-size), or
     /// the reason splice cannot work here (the first pipe cannot be made or sized).
-    pub fn new(budget: u32) -> io::Result<PipePool> {
+    pub fn new(budget: u32, bound: usize) -> io::Result<PipePool> {
         let size = budget.min(PIPE_MAX_DEFAULT);
         let first = KernelPipe::new(size)?;
         Ok(PipePool {
             free: vec![first],
             in_use: 0,
+            bound: bound.max(1),
             size,
         })
     }
@@ -86,7 +98,7 @@ impl PipePool {
 
     /// An empty pipe, or none when the pool is at its bound or the kernel refuses another.
     pub fn take(&mut self) -> Option<KernelPipe> {
-        if self.in_use >= MAX_PIPES_IN_USE {
+        if self.in_use >= self.bound {
             return None;
         }
         let pipe = match self.free.pop() {
@@ -101,7 +113,7 @@ impl PipePool {
     /// may hold bytes is closed, so they cannot leak into another flow).
     pub fn give_back(&mut self, pipe: KernelPipe, empty: bool) {
         self.in_use = self.in_use.saturating_sub(1);
-        if empty && self.free.len() < MAX_PIPES_KEPT {
+        if empty && self.free.len() < MAX_PIPES_KEPT.min(self.bound) {
             self.free.push(pipe);
         }
     }
@@ -201,7 +213,7 @@ mod tests {
 
     #[test]
     fn bytes_go_socket_to_pipe_to_socket_in_order() {
-        let mut pool = PipePool::new(256 * 1024).unwrap();
+        let mut pool = PipePool::new(256 * 1024, 64).unwrap();
         let pipe = pool.take().unwrap();
         let (mut src_peer, src) = pair();
         let (dst, mut dst_peer) = pair();
@@ -236,7 +248,7 @@ mod tests {
 
     #[test]
     fn drain_reads_what_the_pipe_holds() {
-        let mut pool = PipePool::new(64 * 1024).unwrap();
+        let mut pool = PipePool::new(64 * 1024, 64).unwrap();
         let pipe = pool.take().unwrap();
         let (mut peer, src) = pair();
         src.set_nonblocking(true).unwrap();
@@ -258,16 +270,23 @@ mod tests {
 
     #[test]
     fn the_pool_is_bounded() {
-        let mut pool = PipePool::new(16 * 1024).unwrap();
+        let mut pool = PipePool::new(16 * 1024, 40).unwrap();
         let mut lent = Vec::new();
         while let Some(pipe) = pool.take() {
             lent.push(pipe);
         }
-        assert_eq!(lent.len(), MAX_PIPES_IN_USE);
+        assert_eq!(lent.len(), 40);
         for pipe in lent {
             pool.give_back(pipe, true);
         }
         assert_eq!(pool.in_use(), 0);
         assert_eq!(pool.free.len(), MAX_PIPES_KEPT);
+    }
+
+    #[test]
+    fn a_low_open_file_limit_lends_fewer_pipes() {
+        assert_eq!(pipes_per_worker(1 << 20, 2), MAX_PIPES_IN_USE);
+        assert_eq!(pipes_per_worker(1024, 2), 8);
+        assert_eq!(pipes_per_worker(64, 4), 1);
     }
 }
