@@ -382,3 +382,68 @@ fn request_response_traffic_never_takes_a_pipe() {
     assert_eq!(metric(&samples, "ringway_spliced_bytes_total", &[]), 0.0);
     assert!(metric(&samples, "ringway_bytes_total", &[]) > 2000.0 * 10.0);
 }
+
+#[test]
+fn spliced_bytes_count_as_activity_and_a_quiet_spliced_flow_times_out() {
+    const LEN: u64 = 96 << 20;
+    let stream = Backend::start(Kind::Stream);
+    let proxy = start(&stream, &["--idle-timeout", "1s"]);
+    // A download read slowly over about three idle timeouts: it moves bytes all the time
+    // (through the pipe), so it must not be cut.
+    let mut client = request_stream(&proxy, LEN);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0u64;
+    let started = std::time::Instant::now();
+    while pos < LEN {
+        let n = client
+            .read(&mut buf)
+            .unwrap_or_else(|e| panic!("at {pos}: {e}\n{}", proxy.stderr_tail()));
+        assert!(n > 0, "cut at {pos} of {LEN}\n{}", proxy.stderr_tail());
+        check_pattern(LEN, pos, &buf[..n]).unwrap_or_else(|i| panic!("byte {}", pos + i as u64));
+        pos += n as u64;
+        // Pace the reader: about 32 MiB a second.
+        let due = Duration::from_secs_f64(pos as f64 / (32 << 20) as f64);
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            thread::sleep(wait);
+        }
+    }
+    drop(client);
+    let (_, samples) = scrape_until(&proxy, |s| metric(s, "ringway_flows_active", &[]) == 0.0);
+    assert_eq!(
+        metric(
+            &samples,
+            "ringway_flows_closed_total",
+            &[("reason", "idle_timeout")]
+        ),
+        0.0,
+        "a flow moving bytes was cut as idle"
+    );
+    assert!(metric(&samples, "ringway_spliced_bytes_total", &[]) >= (LEN - 4 * BUDGET) as f64);
+
+    // An echo flow that went through splice and then goes quiet is closed by the idle
+    // timeout: its poll is cancelled and its pipe comes back.
+    let echo = Backend::echo();
+    let proxy = start(&echo, &["--idle-timeout", "1s"]);
+    let mut client = connect(proxy.addr).unwrap();
+    let mut rd = client.try_clone().unwrap();
+    let reader = thread::spawn(move || read_pattern_exact(&mut rd, 5, 8 << 20));
+    write_pattern(&mut client, 5, 8 << 20).unwrap();
+    reader.join().unwrap().unwrap();
+    assert!(metric(&scrape(&proxy), "ringway_spliced_bytes_total", &[]) > 0.0);
+    let (how, _) = expect_closed(&mut client, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("quiet spliced flow: {e}\n{}", proxy.stderr_tail()));
+    eprintln!("quiet spliced flow ended with {how:?}");
+    let (done, _) = scrape_until(&proxy, |s| {
+        metric(
+            s,
+            "ringway_flows_closed_total",
+            &[("reason", "idle_timeout")],
+        ) == 1.0
+            && metric(s, "ringway_splice_pipes_in_use", &[]) == 0.0
+    });
+    assert!(
+        done,
+        "not closed as idle, or its pipe kept\n{}",
+        proxy.stderr_tail()
+    );
+}
