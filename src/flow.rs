@@ -226,9 +226,10 @@ enum RecvState {
 }
 
 /// Whether a pipe relays through ring buffers or a kernel pipe (splice).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 enum SpliceMode {
     /// Buffered; may switch once it proves bulk.
+    #[default]
     Off,
     /// Asked the worker for a kernel pipe (`Op::TakePipe`); the answer comes at once.
     Asked,
@@ -280,22 +281,38 @@ struct Pipe {
     shutdown: ShutdownState,
     /// Bytes delivered to the destination.
     bytes: u64,
-    splice: SpliceMode,
     /// Receives in a row that filled a whole buffer (the sign of a bulk direction).
     full_recvs: u8,
+}
+
+/// One direction's splice state (see "Splice" below). Boxed for both directions and made only
+/// when a direction first asks for a kernel pipe, so a flow that never splices pays one pointer
+/// (RSS per idle flow is a goal).
+#[derive(Debug, Default)]
+struct Splice {
+    mode: SpliceMode,
     /// Splice rounds since the last poll (bounded, so one flow cannot hold the worker).
-    splice_rounds: u8,
+    rounds: u8,
     /// Bytes in the kernel pipe (spliced in, not yet out).
     in_pipe: u32,
     /// A POLLIN on the source / POLLOUT on the destination is in flight.
     poll_in: bool,
     poll_out: bool,
     /// A `SpliceIn` / `SpliceOut` was emitted and its result has not come back yet.
-    splice_in_pending: bool,
-    splice_out_pending: bool,
+    in_pending: bool,
+    out_pending: bool,
     /// The last splice in found the kernel pipe full (EAGAIN with bytes in it): read again
     /// only after the destination took some.
     pipe_full: bool,
+}
+
+impl Splice {
+    fn ops_in_flight(&self) -> u32 {
+        u32::from(self.poll_in)
+            + u32::from(self.poll_out)
+            + u32::from(self.in_pending)
+            + u32::from(self.out_pending)
+    }
 }
 
 impl Pipe {
@@ -310,22 +327,14 @@ impl Pipe {
             spill_len: 0,
             shutdown: ShutdownState::NotYet,
             bytes: 0,
-            splice: SpliceMode::Off,
             full_recvs: 0,
-            splice_rounds: 0,
-            in_pipe: 0,
-            poll_in: false,
-            poll_out: false,
-            splice_in_pending: false,
-            splice_out_pending: false,
-            pipe_full: false,
         }
     }
 
-    /// Holds a kernel pipe and nothing buffered is left to deliver first: bytes move by splice.
-    fn splicing(&self) -> bool {
-        self.splice == SpliceMode::On
-            && self.recv != RecvState::Armed
+    /// Nothing buffered is left to deliver and nothing is being received into buffers: a
+    /// direction holding a kernel pipe may move bytes by splice.
+    fn buffered_empty(&self) -> bool {
+        self.recv != RecvState::Armed
             && self.sending.is_none()
             && self.queue.is_empty()
             && self.spill_len == 0
@@ -341,10 +350,6 @@ impl Pipe {
         u32::from(self.recv == RecvState::Armed)
             + u32::from(self.sending.is_some())
             + u32::from(self.shutdown == ShutdownState::InFlight)
-            + u32::from(self.poll_in)
-            + u32::from(self.poll_out)
-            + u32::from(self.splice_in_pending)
-            + u32::from(self.splice_out_pending)
     }
 }
 
@@ -354,7 +359,7 @@ pub struct Limits {
     /// Connect attempts after the first one.
     pub retries: u32,
     /// Buffers a pipe may hold while the pool is roomy (one when it is tight).
-    pub max_queued: usize,
+    pub max_queued: u16,
     /// Read a PROXY protocol header from the client before anything else.
     pub read_header: bool,
     /// Bytes a recv asks for while the pool is roomy (the buffer size): a recv that fills it
@@ -392,6 +397,8 @@ pub struct Flow {
     /// Being handed to a successor process (see `quiesce`): no recv is armed and no send
     /// started; what is in flight is cancelled.
     quiescing: bool,
+    /// Splice state of both directions, by pipe; made when a direction first asks for a pipe.
+    splice: Option<Box<[Splice; 2]>>,
 }
 
 impl Flow {
@@ -415,6 +422,7 @@ impl Flow {
             ending: None,
             released: false,
             quiescing: false,
+            splice: None,
         }
     }
 
@@ -586,7 +594,11 @@ impl Flow {
         }
         match (res, buf) {
             (len, Some(buf)) if len > 0 => {
-                if limits.splice_bytes > 0 && pipe.splice == SpliceMode::Off {
+                let mode = self
+                    .splice
+                    .as_deref()
+                    .map_or(SpliceMode::Off, |s| s[from.pipe()].mode);
+                if limits.splice_bytes > 0 && mode == SpliceMode::Off {
                     // A direction proves bulk by filling whole buffers; small messages never
                     // do, so request/response traffic stays on the buffered path.
                     if len as u32 >= limits.recv_bytes && !tight {
@@ -595,7 +607,8 @@ impl Flow {
                         pipe.full_recvs = 0;
                     }
                     if pipe.full_recvs >= FULL_RECVS_TO_SPLICE {
-                        pipe.splice = SpliceMode::Asked;
+                        self.splice.get_or_insert_with(Default::default)[from.pipe()].mode =
+                            SpliceMode::Asked;
                         ops.push(Op::TakePipe(from));
                     }
                 }
@@ -865,11 +878,14 @@ impl Flow {
             if pipe.sending.is_some() && !pipe.reclaiming {
                 targets.push(Target::Send(from.other()));
             }
-            if pipe.poll_in {
-                targets.push(Target::PollIn(from));
-            }
-            if pipe.poll_out {
-                targets.push(Target::PollOut(from.other()));
+            if let Some(splice) = self.splice.as_deref() {
+                let splice = &splice[from.pipe()];
+                if splice.poll_in {
+                    targets.push(Target::PollIn(from));
+                }
+                if splice.poll_out {
+                    targets.push(Target::PollOut(from.other()));
+                }
             }
             self.cancel(&targets, ops);
         }
@@ -896,6 +912,10 @@ impl Flow {
 
     fn ops_in_flight(&self) -> u32 {
         self.pipes.iter().map(Pipe::ops_in_flight).sum::<u32>()
+            + self
+                .splice
+                .as_deref()
+                .map_or(0, |s| s.iter().map(Splice::ops_in_flight).sum::<u32>())
             + u32::from(self.connect_in_flight)
             + u32::from(self.header_in_flight)
             + u32::from(self.preface_in_flight)
@@ -938,16 +958,17 @@ impl Flow {
     /// Arm the recv on `from` if it is off, nothing blocks it, and the pipe holds fewer buffers
     /// than its budget (`max_queued`, or one while the pool is tight), with no spill waiting.
     fn rearm_if_room(&mut self, from: Side, tight: bool, ops: &mut Vec<Op>) {
-        if matches!(
-            self.pipes[from.pipe()].splice,
-            SpliceMode::Asked | SpliceMode::On
-        ) {
+        if matches!(self.splice_mode(from), SpliceMode::Asked | SpliceMode::On) {
             // A splicing direction never receives into buffers again.
             self.drive_splice(from, ops);
             return;
         }
         let pipe = &self.pipes[from.pipe()];
-        let budget = if tight { 1 } else { self.limits.max_queued };
+        let budget = if tight {
+            1
+        } else {
+            usize::from(self.limits.max_queued)
+        };
         if self.phase == Phase::Relaying
             && pipe.recv == RecvState::Off
             && !pipe.starved
@@ -978,9 +999,10 @@ impl Flow {
             Self::start_send(pipe, from, chunk, ops);
         } else if pipe.recv == RecvState::Eof
             && pipe.shutdown == ShutdownState::NotYet
-            && pipe.in_pipe == 0
-            && !pipe.splice_in_pending
-            && !pipe.splice_out_pending
+            && self
+                .splice
+                .as_deref()
+                .is_none_or(|s| s[from.pipe()].in_pipe == 0 && s[from.pipe()].ops_in_flight() == 0)
         {
             pipe.shutdown = ShutdownState::InFlight;
             ops.push(Op::Shutdown(from.other()));
@@ -1006,16 +1028,18 @@ impl Flow {
 impl Flow {
     /// The worker's answer to `Op::TakePipe`.
     pub fn on_pipe(&mut self, from: Side, granted: bool, tight: bool, ops: &mut Vec<Op>) {
-        let pipe = &mut self.pipes[from.pipe()];
-        if pipe.splice != SpliceMode::Asked {
+        let Some(splice) = self.splice_mut(from) else {
+            return;
+        };
+        if splice.mode != SpliceMode::Asked {
             return;
         }
         if granted {
-            pipe.splice = SpliceMode::On;
+            splice.mode = SpliceMode::On;
         } else {
             // No pipe free: stay buffered, and prove bulk again before the next ask.
-            pipe.splice = SpliceMode::Off;
-            pipe.full_recvs = 0;
+            splice.mode = SpliceMode::Off;
+            self.pipes[from.pipe()].full_recvs = 0;
         }
         if self.phase == Phase::Closing {
             self.release_if_idle(ops);
@@ -1026,23 +1050,27 @@ impl Flow {
 
     /// The result of `Op::SpliceIn`: bytes moved into the kernel pipe, 0 for EOF, or -errno.
     pub fn on_spliced_in(&mut self, from: Side, res: i32, ops: &mut Vec<Op>) {
-        let pipe = &mut self.pipes[from.pipe()];
-        pipe.splice_in_pending = false;
+        let quiescing = self.quiescing;
+        let closing = self.phase == Phase::Closing;
+        let Some(splice) = self.splice.as_deref_mut().map(|s| &mut s[from.pipe()]) else {
+            return;
+        };
+        splice.in_pending = false;
         if res > 0 {
-            pipe.in_pipe += res as u32;
+            splice.in_pipe += res as u32;
         }
-        if self.phase == Phase::Closing {
+        if closing {
             self.release_if_idle(ops);
             return;
         }
         match res {
             n if n > 0 => {}
-            0 => pipe.recv = RecvState::Eof,
-            e if -e == libc::EAGAIN && pipe.in_pipe > 0 => pipe.pipe_full = true,
+            0 => self.pipes[from.pipe()].recv = RecvState::Eof,
+            e if -e == libc::EAGAIN && splice.in_pipe > 0 => splice.pipe_full = true,
             e if -e == libc::EAGAIN => {
-                pipe.splice_rounds = 0;
-                if !self.quiescing {
-                    pipe.poll_in = true;
+                splice.rounds = 0;
+                if !quiescing {
+                    splice.poll_in = true;
                     ops.push(Op::PollIn(from));
                 }
             }
@@ -1064,29 +1092,33 @@ impl Flow {
     /// The result of `Op::SpliceOut`: bytes moved to the destination, or -errno.
     pub fn on_spliced_out(&mut self, from: Side, res: i32, ops: &mut Vec<Op>) {
         let to = from.other();
-        let pipe = &mut self.pipes[from.pipe()];
-        pipe.splice_out_pending = false;
+        let quiescing = self.quiescing;
+        let closing = self.phase == Phase::Closing;
+        let Some(splice) = self.splice.as_deref_mut().map(|s| &mut s[from.pipe()]) else {
+            return;
+        };
+        splice.out_pending = false;
         if res > 0 {
-            let moved = (res as u32).min(pipe.in_pipe);
-            pipe.in_pipe -= moved;
-            pipe.bytes += u64::from(moved);
-            pipe.pipe_full = false;
+            let moved = (res as u32).min(splice.in_pipe);
+            splice.in_pipe -= moved;
+            splice.pipe_full = false;
+            self.pipes[from.pipe()].bytes += u64::from(moved);
         }
-        if self.phase == Phase::Closing {
+        if closing {
             self.release_if_idle(ops);
             return;
         }
         match res {
             n if n > 0 => {
-                if pipe.in_pipe > 0 && !self.quiescing {
+                if splice.in_pipe > 0 && !quiescing {
                     // The destination took only part: it is full; wait until it can take more.
-                    pipe.poll_out = true;
+                    splice.poll_out = true;
                     ops.push(Op::PollOut(to));
                 }
             }
             e if -e == libc::EAGAIN => {
-                if !self.quiescing {
-                    pipe.poll_out = true;
+                if !quiescing {
+                    splice.poll_out = true;
                     ops.push(Op::PollOut(to));
                 }
             }
@@ -1109,7 +1141,9 @@ impl Flow {
     /// A POLLIN on a splicing source completed (ready, cancelled, or an error the next splice
     /// will report).
     pub fn on_poll_in(&mut self, from: Side, _res: i32, ops: &mut Vec<Op>) {
-        self.pipes[from.pipe()].poll_in = false;
+        if let Some(splice) = self.splice_mut(from) {
+            splice.poll_in = false;
+        }
         if self.phase == Phase::Closing {
             self.release_if_idle(ops);
             return;
@@ -1119,9 +1153,10 @@ impl Flow {
 
     /// A POLLOUT on a splicing destination completed.
     pub fn on_poll_out(&mut self, to: Side, _res: i32, ops: &mut Vec<Op>) {
-        let pipe = &mut self.pipes[to.other().pipe()];
-        pipe.poll_out = false;
-        pipe.pipe_full = false;
+        if let Some(splice) = self.splice_mut(to.other()) {
+            splice.poll_out = false;
+            splice.pipe_full = false;
+        }
         if self.phase == Phase::Closing {
             self.release_if_idle(ops);
             return;
@@ -1130,10 +1165,12 @@ impl Flow {
     }
 
     /// The result of `Op::DrainPipe`: `got` bytes were appended to the spill of the pipe
-    /// reading `from`, which is empty now (the worker read it to the end).
+    /// reading `from`, whose kernel pipe is empty now (the worker read it to the end).
     pub fn on_pipe_drained(&mut self, from: Side, got: u32, ops: &mut Vec<Op>) {
+        let expected = self
+            .splice_mut(from)
+            .map_or(0, |splice| std::mem::take(&mut splice.in_pipe));
         let pipe = &mut self.pipes[from.pipe()];
-        let expected = std::mem::take(&mut pipe.in_pipe);
         if got > 0 {
             // Splicing starts only once the queue and the spill are empty, and nothing is
             // received into buffers after: the drained bytes are all there is to deliver.
@@ -1153,22 +1190,35 @@ impl Flow {
         self.pump(from, ops);
     }
 
-    /// Bytes in the kernel pipe of the pipe reading `from` (for tests and memory accounting).
+    /// Bytes in the kernel pipe of the pipe reading `from`.
     pub fn bytes_in_pipe(&self, from: Side) -> u32 {
-        self.pipes[from.pipe()].in_pipe
+        self.splice.as_deref().map_or(0, |s| s[from.pipe()].in_pipe)
+    }
+
+    fn splice_mode(&self, from: Side) -> SpliceMode {
+        self.splice
+            .as_deref()
+            .map_or(SpliceMode::Off, |s| s[from.pipe()].mode)
+    }
+
+    fn splice_mut(&mut self, from: Side) -> Option<&mut Splice> {
+        self.splice.as_deref_mut().map(|s| &mut s[from.pipe()])
     }
 
     /// Splice does not work on these sockets: relay through buffers for good, the bytes in the
     /// kernel pipe first.
     fn fall_back(&mut self, from: Side, ops: &mut Vec<Op>) {
-        let pipe = &mut self.pipes[from.pipe()];
-        pipe.splice = SpliceMode::Never;
-        if pipe.in_pipe > 0 {
+        let Some(splice) = self.splice_mut(from) else {
+            return;
+        };
+        splice.mode = SpliceMode::Never;
+        let in_pipe = splice.in_pipe;
+        if in_pipe > 0 {
             ops.push(Op::DrainPipe(from));
         }
         // After the drain, which reads the pipe to its end.
         ops.push(Op::ReturnPipe { from, empty: true });
-        if pipe.in_pipe == 0 {
+        if in_pipe == 0 {
             self.pump(from, ops);
             self.rearm_if_room(from, false, ops);
         }
@@ -1176,13 +1226,12 @@ impl Flow {
 
     /// Gives the kernel pipe of the pipe reading `from` back, if it holds one.
     fn return_pipe(&mut self, from: Side, ops: &mut Vec<Op>) {
-        let pipe = &mut self.pipes[from.pipe()];
-        if pipe.splice == SpliceMode::On {
-            pipe.splice = SpliceMode::Off;
-            ops.push(Op::ReturnPipe {
-                from,
-                empty: pipe.in_pipe == 0,
-            });
+        if let Some(splice) = self.splice_mut(from) {
+            if splice.mode == SpliceMode::On {
+                splice.mode = SpliceMode::Off;
+                let empty = splice.in_pipe == 0;
+                ops.push(Op::ReturnPipe { from, empty });
+            }
         }
     }
 
@@ -1196,37 +1245,48 @@ impl Flow {
         }
         let room = self.limits.splice_bytes;
         let pipe = &mut self.pipes[from.pipe()];
-        if !pipe.splicing() || pipe.splice_in_pending || pipe.splice_out_pending {
+        let Some(splice) = self.splice.as_deref_mut().map(|s| &mut s[from.pipe()]) else {
+            return;
+        };
+        if splice.mode != SpliceMode::On
+            || !pipe.buffered_empty()
+            || splice.in_pending
+            || splice.out_pending
+        {
             return;
         }
-        if pipe.in_pipe > 0 && !pipe.poll_out {
-            pipe.splice_out_pending = true;
+        if splice.in_pipe > 0 && !splice.poll_out {
+            splice.out_pending = true;
             ops.push(Op::SpliceOut {
                 from,
-                len: pipe.in_pipe,
+                len: splice.in_pipe,
             });
             return;
         }
-        if pipe.in_pipe == 0 && pipe.recv == RecvState::Eof {
+        if splice.in_pipe == 0 && pipe.recv == RecvState::Eof {
             if pipe.shutdown == ShutdownState::NotYet {
                 pipe.shutdown = ShutdownState::InFlight;
                 ops.push(Op::Shutdown(from.other()));
             }
             return;
         }
-        if pipe.recv == RecvState::Off && !pipe.poll_in && !pipe.pipe_full && pipe.in_pipe < room {
-            if pipe.splice_rounds >= SPLICE_ROUNDS {
+        if pipe.recv == RecvState::Off
+            && !splice.poll_in
+            && !splice.pipe_full
+            && splice.in_pipe < room
+        {
+            if splice.rounds >= SPLICE_ROUNDS {
                 // Enough for one turn: the poll completes at once if more is waiting, after
                 // the other flows' completions.
-                pipe.splice_rounds = 0;
-                pipe.poll_in = true;
+                splice.rounds = 0;
+                splice.poll_in = true;
                 ops.push(Op::PollIn(from));
             } else {
-                pipe.splice_rounds += 1;
-                pipe.splice_in_pending = true;
+                splice.rounds += 1;
+                splice.in_pending = true;
                 ops.push(Op::SpliceIn {
                     from,
-                    len: room - pipe.in_pipe,
+                    len: room - splice.in_pipe,
                 });
             }
         }
@@ -1287,16 +1347,19 @@ impl Flow {
             if pipe.sending.is_some() && !pipe.reclaiming {
                 targets.push(Target::Send(from.other()));
             }
-            if pipe.poll_in {
-                targets.push(Target::PollIn(from));
-            }
-            if pipe.poll_out {
-                targets.push(Target::PollOut(from.other()));
-            }
-            if pipe.in_pipe > 0 {
-                // Bytes in a kernel pipe cannot be handed over: they move to the spill now
-                // (polls in flight do not touch the pipe), and are exported with it.
-                ops.push(Op::DrainPipe(from));
+            if let Some(splice) = self.splice.as_deref() {
+                let splice = &splice[from.pipe()];
+                if splice.poll_in {
+                    targets.push(Target::PollIn(from));
+                }
+                if splice.poll_out {
+                    targets.push(Target::PollOut(from.other()));
+                }
+                if splice.in_pipe > 0 {
+                    // Bytes in a kernel pipe cannot be handed over: they move to the spill now
+                    // (polls in flight do not touch the pipe), and are exported with it.
+                    ops.push(Op::DrainPipe(from));
+                }
             }
         }
         if self.preface_in_flight {
@@ -1805,7 +1868,7 @@ mod tests {
                     i += 1;
                 }
                 assert!(
-                    f.pipes[DOWNLOAD].buffers_held() <= LIMITS.max_queued,
+                    f.pipes[DOWNLOAD].buffers_held() <= usize::from(LIMITS.max_queued),
                     "budget exceeded"
                 );
                 assert_eq!(buffers.len(), f.pipes[DOWNLOAD].buffers_held());

@@ -106,7 +106,6 @@ impl Worker {
             spill: None,
             bytes_accounted: (0, 0),
             handover: super::handover::Mark::No,
-            kernel_pipes: [None, None],
             adopted_backend: None,
         });
         let mut ops = std::mem::take(&mut self.ops);
@@ -261,9 +260,9 @@ impl Worker {
     }
 
     pub(super) fn release(&mut self, index: usize, ending: Ending) {
+        self.return_kernel_pipes(index);
         let mut slot = self.slots.remove(index);
         self.handover_forget(slot.handover);
-        self.return_kernel_pipes(&mut slot);
         // What the tick's flushes have not counted yet: the counters end exactly at the flow's
         // bytes, which the access log records whole.
         let (new_up, new_down) = live_bytes::take_unaccounted(&mut slot);

@@ -229,8 +229,8 @@ impl Worker {
             // Only buffer returns and spill drops: nothing is submitted, nothing released.
             self.apply(index, &mut ops);
             self.ops = ops;
-            let mut slot = self.slots.remove(index);
-            self.return_kernel_pipes(&mut slot);
+            self.return_kernel_pipes(index);
+            let slot = self.slots.remove(index);
             if let Some(load) = &slot.backend_load {
                 load.active.fetch_sub(1, Ordering::Relaxed);
             }
@@ -359,7 +359,6 @@ impl Worker {
             greeting: None,
             spill,
             handover: Mark::No,
-            kernel_pipes: [None, None],
             adopted_backend,
             // The previous process already counted these bytes in its own metrics: this one
             // counts only what it relays itself.

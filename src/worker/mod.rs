@@ -161,8 +161,6 @@ struct Slot {
     bytes_accounted: (u64, u64),
     /// Where the flow is in an upgrade handover.
     handover: handover::Mark,
-    /// Kernel pipes lent to the flow's splicing directions, by `Side::pipe_index`.
-    kernel_pipes: [Option<splice::KernelPipe>; 2],
     /// The backend of a flow adopted from the previous process when this process's set has no
     /// backend of that name (it follows `--drain-timeout`).
     adopted_backend: Option<Arc<str>>,
@@ -259,6 +257,9 @@ struct Worker {
     /// Kernel pipes for splicing directions; `None` with `--splice off` or when the kernel
     /// would not make one at start-up.
     pipes: Option<splice::PipePool>,
+    /// Kernel pipes lent to flows, by slot index, then `Side::pipe_index`: kept here, not in
+    /// the slot, so flows that never splice pay nothing for them.
+    lent_pipes: std::collections::HashMap<usize, [Option<splice::KernelPipe>; 2]>,
 }
 
 /// Runs a worker on the current thread until it is told to stop. Ring set-up errors are
@@ -317,7 +318,7 @@ impl Worker {
         };
         let limits = Limits {
             retries: settings.retries,
-            max_queued: MAX_QUEUED_BUFFERS,
+            max_queued: MAX_QUEUED_BUFFERS as u16,
             read_header: settings.edge.trusted.is_some(),
             recv_bytes: settings.buffer_size,
             splice_bytes: pipes.as_ref().map_or(0, splice::PipePool::size),
@@ -370,6 +371,7 @@ impl Worker {
             heartbeat: setup.heartbeat,
             handover: None,
             pipes,
+            lent_pipes: std::collections::HashMap::new(),
         })
     }
 

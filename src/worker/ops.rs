@@ -243,15 +243,25 @@ impl Worker {
         };
         match op {
             Op::TakePipe(from) => {
-                let lent = &mut slot.kernel_pipes[from.pipe_index()];
-                if lent.is_none() {
-                    *lent = self.pipes.as_mut().and_then(splice::PipePool::take);
-                }
-                let granted = lent.is_some();
+                let i = from.pipe_index();
+                let granted = match self.lent_pipes.get(&index).is_some_and(|l| l[i].is_some()) {
+                    true => true,
+                    false => match self.pipes.as_mut().and_then(splice::PipePool::take) {
+                        Some(pipe) => {
+                            self.lent_pipes.entry(index).or_default()[i] = Some(pipe);
+                            true
+                        }
+                        None => false,
+                    },
+                };
                 slot.flow.on_pipe(from, granted, tight, more);
             }
             Op::SpliceIn { from, len } => {
-                let res = match (fd(slot, from), &slot.kernel_pipes[from.pipe_index()]) {
+                let pipe = self
+                    .lent_pipes
+                    .get(&index)
+                    .and_then(|l| l[from.pipe_index()].as_ref());
+                let res = match (fd(slot, from), pipe) {
                     (Some(source), Some(pipe)) => splice::into_pipe(source, pipe, len),
                     _ => -libc::EBADF,
                 };
@@ -262,7 +272,11 @@ impl Worker {
             }
             Op::SpliceOut { from, len } => {
                 let to = from.other();
-                let res = match (fd(slot, to), &slot.kernel_pipes[from.pipe_index()]) {
+                let pipe = self
+                    .lent_pipes
+                    .get(&index)
+                    .and_then(|l| l[from.pipe_index()].as_ref());
+                let res = match (fd(slot, to), pipe) {
                     (Some(destination), Some(pipe)) => splice::out_of_pipe(pipe, destination, len),
                     _ => -libc::EBADF,
                 };
@@ -274,7 +288,8 @@ impl Worker {
             }
             Op::DrainPipe(from) => {
                 let i = from.pipe_index();
-                let got = match &slot.kernel_pipes[i] {
+                let pipe = self.lent_pipes.get(&index).and_then(|l| l[i].as_ref());
+                let got = match pipe {
                     Some(pipe) => {
                         let spill = slot.spill.get_or_insert_with(Default::default);
                         let before = spill[i].len();
@@ -284,9 +299,8 @@ impl Worker {
                         if let Err(e) = result {
                             // The pipe may still hold bytes: it must not serve another flow.
                             log::warn!("flow {}: reading a kernel pipe: {e}", slot.client_addr);
-                            if let (Some(pipe), Some(pool)) =
-                                (slot.kernel_pipes[i].take(), self.pipes.as_mut())
-                            {
+                            let lent = self.lent_pipes.get_mut(&index).and_then(|l| l[i].take());
+                            if let (Some(pipe), Some(pool)) = (lent, self.pipes.as_mut()) {
                                 pool.give_back(pipe, false);
                             }
                         }
@@ -297,11 +311,17 @@ impl Worker {
                 slot.flow.on_pipe_drained(from, got as u32, more);
             }
             Op::ReturnPipe { from, empty } => {
-                if let (Some(pipe), Some(pool)) = (
-                    slot.kernel_pipes[from.pipe_index()].take(),
-                    self.pipes.as_mut(),
-                ) {
+                let lent = self.lent_pipes.get_mut(&index);
+                let pipe = lent.and_then(|l| l[from.pipe_index()].take());
+                if let (Some(pipe), Some(pool)) = (pipe, self.pipes.as_mut()) {
                     pool.give_back(pipe, empty);
+                }
+                if self
+                    .lent_pipes
+                    .get(&index)
+                    .is_some_and(|l| l.iter().all(Option::is_none))
+                {
+                    self.lent_pipes.remove(&index);
                 }
             }
             _ => {}
@@ -311,9 +331,12 @@ impl Worker {
     /// A slot leaving the worker gives back any kernel pipe it still holds (a flow returns
     /// its pipes before release; this keeps the pool's count right whatever happened). A pipe
     /// returned here is closed, not reused: nothing says it is empty.
-    pub(super) fn return_kernel_pipes(&mut self, slot: &mut Slot) {
-        for lent in &mut slot.kernel_pipes {
-            if let (Some(pipe), Some(pool)) = (lent.take(), self.pipes.as_mut()) {
+    pub(super) fn return_kernel_pipes(&mut self, index: usize) {
+        let Some(lent) = self.lent_pipes.remove(&index) else {
+            return;
+        };
+        for pipe in lent.into_iter().flatten() {
+            if let Some(pool) = self.pipes.as_mut() {
                 pool.give_back(pipe, false);
             }
         }
