@@ -69,6 +69,8 @@ pub struct PipePool {
     in_use: usize,
     /// Pipes lent at once, at most.
     bound: usize,
+    /// Pipes lent since the last `trim_idle`.
+    taken: usize,
     /// Bytes a flow may put in one pipe: the direction's byte budget.
     size: u32,
 }
@@ -83,6 +85,7 @@ impl PipePool {
             free: vec![first],
             in_use: 0,
             bound: bound.max(1),
+            taken: 0,
             size,
         })
     }
@@ -106,7 +109,17 @@ impl PipePool {
             None => KernelPipe::new(self.size).ok()?,
         };
         self.in_use += 1;
+        self.taken += 1;
         Some(pipe)
+    }
+
+    /// Called every tick: after a tick in which no pipe was lent, the spare pipes beyond one
+    /// are closed, so a burst of bulk flows does not keep its pipes' descriptors for good
+    /// (the one kept is the pipe made at start-up).
+    pub fn trim_idle(&mut self) {
+        if std::mem::take(&mut self.taken) == 0 {
+            self.free.truncate(1);
+        }
     }
 
     /// A pipe back from a flow; `empty` when the flow knows no byte is left in it (a pipe that
@@ -281,6 +294,10 @@ mod tests {
         }
         assert_eq!(pool.in_use(), 0);
         assert_eq!(pool.free.len(), MAX_PIPES_KEPT);
+        pool.trim_idle(); // pipes were lent since the last trim: kept
+        assert_eq!(pool.free.len(), MAX_PIPES_KEPT);
+        pool.trim_idle(); // a tick without demand: back to one
+        assert_eq!(pool.free.len(), 1);
     }
 
     #[test]
