@@ -11,8 +11,11 @@
 # Everything started is stopped on exit, by PID.
 # WORKERS=N (default 1): each proxy gets N workers (HAProxy N threads) on CPUs 0..N-1, shared
 # with the load generator and backends (as `scripts/bench.sh --workers N`).
+# HAPROXY_OPTIONS adds a line to HAProxy's defaults section and HAPROXY_GLOBAL one to its global
+# section, e.g. HAPROXY_OPTIONS="option splice-auto" HAPROXY_GLOBAL="maxpipes 256" to compare
+# against its splice (its default of maxconn/4 pipes needs more descriptors than the limit here).
 set -u
-[ $# -ge 4 ] || { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+[ $# -ge 4 ] || { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 W=$1 REPS=$2 DUR=$3 A=$4 B=${5:-}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 LOAD="$ROOT/target/release/ringway-load"
@@ -61,12 +64,14 @@ cat >"$D/haproxy.cfg" <<CFG
 global
     nbthread $WORKERS
     maxconn 9000
+    ${HAPROXY_GLOBAL:-}
 defaults
     mode tcp
     timeout connect 3s
     timeout client 10m
     timeout server 10m
     maxconn 9000
+    ${HAPROXY_OPTIONS:-}
 frontend fe
     bind 127.0.0.1:$((port + 2))
     default_backend be

@@ -60,4 +60,8 @@ if [ "$(id -u)" != 0 ]; then
     echo "note: the network-namespace tests need root; run this as root (or with sudo -E)" >&2
 fi
 
-exec cargo test --workspace "$@"
+cargo test --workspace "$@"
+# Bulk directions relay through kernel pipes by default (--splice auto); run the relay tests
+# once more on the buffered path so both stay tested.
+echo "tests/relay.rs again with RINGWAY_SPLICE=off (the buffered path)"
+RINGWAY_SPLICE=off exec cargo test --test relay "$@"

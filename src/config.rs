@@ -223,6 +223,10 @@ pub struct Flags {
     /// take the listeners and every live flow over from the process at --upgrade-socket instead of binding (exit 1 if none is there)
     #[argh(switch)]
     pub takeover: bool,
+
+    /// auto (default): a direction that proves bulk relays through a kernel pipe with splice(2), without copying bytes through user space; off: always through relay buffers (also RINGWAY_SPLICE=off)
+    #[argh(option)]
+    pub splice: Option<String>,
 }
 
 /// One backend as configured. `name` is its identity for hashing: the address text exactly as
@@ -311,6 +315,8 @@ pub struct Config {
     pub upgrade_socket: Option<std::path::PathBuf>,
     /// `--takeover`: receive listeners and flows from the process at `upgrade_socket`.
     pub takeover: bool,
+    /// `--splice auto`: bulk directions relay through kernel pipes.
+    pub splice: bool,
 }
 
 /// PROXY protocol version.
@@ -617,6 +623,16 @@ impl Config {
             None => None,
             Some(text) => Some(parse_in_range("--max-conns", text, 1, 100_000_000)? as usize),
         };
+        let splice = match flags.splice.as_deref() {
+            None | Some("auto") => true,
+            Some("off") => false,
+            Some(other) => {
+                return Err(flag_error(
+                    "--splice",
+                    format!("'{other}' is not one of auto, off"),
+                ))
+            }
+        };
         let buffer_size = match &flags.buffer_size {
             None => DEFAULT_BUFFER_SIZE,
             Some(text) => parse_in_range("--buffer-size", text, 512, 1 << 20)? as u32,
@@ -763,6 +779,7 @@ impl Config {
             edge,
             upgrade_socket,
             takeover: flags.takeover,
+            splice,
         })
     }
 }

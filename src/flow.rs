@@ -33,6 +33,9 @@
 
 use std::collections::VecDeque;
 
+mod splice;
+use splice::{Splice, SpliceMode, FULL_RECVS_TO_SPLICE};
+
 /// Index of a buffer in the worker's provided-buffer ring.
 pub type BufId = u16;
 
@@ -88,6 +91,9 @@ pub enum Target {
     Connect,
     HeaderRecv,
     Preface,
+    /// A readiness poll of a splicing pipe: POLLIN on its source, POLLOUT on its destination.
+    PollIn(Side),
+    PollOut(Side),
 }
 
 /// What the worker must do for this flow.
@@ -137,6 +143,28 @@ pub enum Op {
     WaitForBuffers,
     /// Nothing is in flight any more: close both sockets (with an RST where asked) and free the slot.
     Release(Ending),
+    /// The pipe reading `from` proved bulk: lend it a kernel pipe from the worker's pool and
+    /// answer at once with `on_pipe` (see "Splice" in the module docs).
+    TakePipe(Side),
+    /// splice(2) at most `len` bytes from `from`'s socket into its kernel pipe, now, without
+    /// blocking; the result goes to `on_spliced_in` at once.
+    SpliceIn { from: Side, len: u32 },
+    /// splice(2) at most `len` bytes from the kernel pipe of the pipe reading `from` to the
+    /// other side's socket, now, without blocking; the result goes to `on_spliced_out` at once.
+    SpliceOut { from: Side, len: u32 },
+    /// One-shot POLLIN on `from`'s socket (a splicing source had nothing to read); the
+    /// completion goes to `on_poll_in`.
+    PollIn(Side),
+    /// One-shot POLLOUT on `to`'s socket (a splicing destination took only part); the
+    /// completion goes to `on_poll_out`.
+    PollOut(Side),
+    /// Read every byte out of the kernel pipe of the pipe reading `from` onto the end of its
+    /// spill (leaving splice with bytes in the pipe: a handover, a splice error), now; the
+    /// count goes to `on_pipe_drained`.
+    DrainPipe(Side),
+    /// Give the kernel pipe of the pipe reading `from` back to the pool; `empty`: no byte is
+    /// left in it (otherwise it is closed).
+    ReturnPipe { from: Side, empty: bool },
 }
 
 /// How a flow ended: for logs and counters.
@@ -242,6 +270,8 @@ struct Pipe {
     shutdown: ShutdownState,
     /// Bytes delivered to the destination.
     bytes: u64,
+    /// Receives in a row that filled a whole buffer (the sign of a bulk direction).
+    full_recvs: u8,
 }
 
 impl Pipe {
@@ -256,7 +286,17 @@ impl Pipe {
             spill_len: 0,
             shutdown: ShutdownState::NotYet,
             bytes: 0,
+            full_recvs: 0,
         }
+    }
+
+    /// Nothing buffered is left to deliver and nothing is being received into buffers: a
+    /// direction holding a kernel pipe may move bytes by splice.
+    fn buffered_empty(&self) -> bool {
+        self.recv != RecvState::Armed
+            && self.sending.is_none()
+            && self.queue.is_empty()
+            && self.spill_len == 0
     }
 
     /// Ring buffers this pipe holds (queued or being sent).
@@ -282,6 +322,11 @@ pub struct Limits {
     pub max_queued: u8,
     /// Read a PROXY protocol header from the client before anything else.
     pub read_header: bool,
+    /// Bytes a recv asks for while the pool is roomy (the buffer size): a recv that fills it
+    /// counts towards switching its direction to splice.
+    pub recv_bytes: u32,
+    /// Bytes a direction may hold in a kernel pipe when it splices; 0: splice is off.
+    pub splice_bytes: u32,
 }
 
 #[derive(Debug)]
@@ -305,6 +350,8 @@ pub struct Flow {
     /// Being handed to a successor process (see `quiesce`): no recv is armed and no send
     /// started; what is in flight is cancelled.
     quiescing: bool,
+    /// Splice state of both directions, by pipe; made when a direction first asks for a pipe.
+    splice: Option<Box<[Splice; 2]>>,
 }
 
 impl Flow {
@@ -328,6 +375,7 @@ impl Flow {
             ending: None,
             released: false,
             quiescing: false,
+            splice: None,
         }
     }
 
@@ -484,6 +532,7 @@ impl Flow {
         tight: bool,
         ops: &mut Vec<Op>,
     ) {
+        let limits = self.limits;
         let pipe = &mut self.pipes[from.pipe()];
         if pipe.recv == RecvState::Armed {
             pipe.recv = RecvState::Off;
@@ -498,6 +547,24 @@ impl Flow {
         }
         match (res, buf) {
             (len, Some(buf)) if len > 0 => {
+                let mode = self
+                    .splice
+                    .as_deref()
+                    .map_or(SpliceMode::Off, |s| s[from.pipe()].mode);
+                if limits.splice_bytes > 0 && mode == SpliceMode::Off {
+                    // A direction proves bulk by filling whole buffers; small messages never
+                    // do, so request/response traffic stays on the buffered path.
+                    if len as u32 >= limits.recv_bytes && !tight {
+                        pipe.full_recvs = pipe.full_recvs.saturating_add(1);
+                    } else {
+                        pipe.full_recvs = 0;
+                    }
+                    if pipe.full_recvs >= FULL_RECVS_TO_SPLICE {
+                        self.splice.get_or_insert_with(Default::default)[from.pipe()].mode =
+                            SpliceMode::Asked;
+                        ops.push(Op::TakePipe(from));
+                    }
+                }
                 let chunk = Chunk {
                     data: Data::Buffer(buf),
                     len: len as u32,
@@ -764,6 +831,15 @@ impl Flow {
             if pipe.sending.is_some() && !pipe.reclaiming {
                 targets.push(Target::Send(from.other()));
             }
+            if let Some(splice) = self.splice.as_deref() {
+                let splice = &splice[from.pipe()];
+                if splice.poll_in {
+                    targets.push(Target::PollIn(from));
+                }
+                if splice.poll_out {
+                    targets.push(Target::PollOut(from.other()));
+                }
+            }
             self.cancel(&targets, ops);
         }
         let mut targets = Vec::new();
@@ -789,6 +865,10 @@ impl Flow {
 
     fn ops_in_flight(&self) -> u32 {
         self.pipes.iter().map(Pipe::ops_in_flight).sum::<u32>()
+            + self
+                .splice
+                .as_deref()
+                .map_or(0, |s| s.iter().map(Splice::ops_in_flight).sum::<u32>())
             + u32::from(self.connect_in_flight)
             + u32::from(self.header_in_flight)
             + u32::from(self.preface_in_flight)
@@ -809,6 +889,7 @@ impl Flow {
                     self.pipes[from.pipe()].spill_len = 0;
                     ops.push(Op::DropSpill(from));
                 }
+                self.return_pipe(from, ops);
             }
             ops.push(Op::Release(ending));
         }
@@ -830,6 +911,11 @@ impl Flow {
     /// Arm the recv on `from` if it is off, nothing blocks it, and the pipe holds fewer buffers
     /// than its budget (`max_queued`, or one while the pool is tight), with no spill waiting.
     fn rearm_if_room(&mut self, from: Side, tight: bool, ops: &mut Vec<Op>) {
+        if matches!(self.splice_mode(from), SpliceMode::Asked | SpliceMode::On) {
+            // A splicing direction never receives into buffers again.
+            self.drive_splice(from, ops);
+            return;
+        }
         let pipe = &self.pipes[from.pipe()];
         let budget = if tight {
             1
@@ -864,7 +950,13 @@ impl Flow {
         }
         if let Some(chunk) = pipe.queue.pop_front() {
             Self::start_send(pipe, from, chunk, ops);
-        } else if pipe.recv == RecvState::Eof && pipe.shutdown == ShutdownState::NotYet {
+        } else if pipe.recv == RecvState::Eof
+            && pipe.shutdown == ShutdownState::NotYet
+            && self
+                .splice
+                .as_deref()
+                .is_none_or(|s| s[from.pipe()].in_pipe == 0 && s[from.pipe()].ops_in_flight() == 0)
+        {
             pipe.shutdown = ShutdownState::InFlight;
             ops.push(Op::Shutdown(from.other()));
         }
@@ -916,6 +1008,20 @@ impl Flow {
             if pipe.sending.is_some() && !pipe.reclaiming {
                 targets.push(Target::Send(from.other()));
             }
+            if let Some(splice) = self.splice.as_deref() {
+                let splice = &splice[from.pipe()];
+                if splice.poll_in {
+                    targets.push(Target::PollIn(from));
+                }
+                if splice.poll_out {
+                    targets.push(Target::PollOut(from.other()));
+                }
+                if splice.in_pipe > 0 {
+                    // Bytes in a kernel pipe cannot be handed over: they move to the spill now
+                    // (polls in flight do not touch the pipe), and are exported with it.
+                    ops.push(Op::DrainPipe(from));
+                }
+            }
         }
         if self.preface_in_flight {
             targets.push(Target::Preface);
@@ -966,6 +1072,7 @@ impl Flow {
                 pipe.spill_len = 0;
                 ops.push(Op::DropSpill(from));
             }
+            self.return_pipe(from, ops);
         }
     }
 
@@ -1021,6 +1128,8 @@ mod tests {
         retries: 1,
         max_queued: 4,
         read_header: false,
+        recv_bytes: 65536,
+        splice_bytes: 0,
     };
 
     fn take(ops: &mut Vec<Op>) -> Vec<Op> {

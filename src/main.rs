@@ -9,7 +9,7 @@ use ringway::config::{Config, Flags};
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let flags = match Flags::from_args(&["ringway"], argv.get(1..).unwrap_or_default()) {
+    let mut flags = match Flags::from_args(&["ringway"], argv.get(1..).unwrap_or_default()) {
         Ok(flags) => flags,
         Err(early) => {
             return if early.status.is_ok() {
@@ -30,6 +30,10 @@ fn main() -> ExitCode {
             env!("RINGWAY_GIT_COMMIT")
         );
         return ExitCode::SUCCESS;
+    }
+    if flags.splice.is_none() {
+        // So a whole test run (or a service) can force the buffered path without new flags.
+        flags.splice = std::env::var("RINGWAY_SPLICE").ok();
     }
     let config = match Config::from_flags(&flags) {
         Ok(config) => config,

@@ -274,6 +274,10 @@ pub struct WorkerStats {
     /// Gauges the worker stores once per event-loop turn.
     buffers_in_use: AtomicU64,
     spill_bytes: AtomicU64,
+    /// Bytes delivered by splice (also counted in the byte counters above), and kernel pipes
+    /// lent to flows now (a gauge).
+    spliced_bytes: AtomicU64,
+    pipes_in_use: AtomicU64,
     /// Non-cumulative: slot i counts observations in (bound i-1, bound i]; the last slot counts
     /// those above the largest bound. The count is their sum, so `+Inf == _count` always holds.
     connect_buckets: [AtomicU64; CONNECT_SLOTS],
@@ -306,6 +310,8 @@ impl WorkerStats {
             slow_turns: self.slow_turns.each_ref().map(load),
             buffers_in_use: load(&self.buffers_in_use),
             spill_bytes: load(&self.spill_bytes),
+            spliced_bytes: load(&self.spliced_bytes),
+            pipes_in_use: load(&self.pipes_in_use),
             connect_buckets: self.connect_buckets.each_ref().map(load),
             connect_sum_micros: load(&self.connect_sum_micros),
             flow_duration_buckets: self.flow_duration_buckets.each_ref().map(load),
@@ -453,6 +459,16 @@ impl WorkerStatsWriter {
         self.stats.spill_bytes.store(spill_bytes, Ordering::Relaxed);
     }
 
+    /// `n` bytes delivered by splice (through a kernel pipe, not a relay buffer).
+    pub fn spliced(&self, n: u64) {
+        bump(&self.stats.spliced_bytes, n);
+    }
+
+    /// Kernel pipes lent to splicing flows now.
+    pub fn set_pipes_in_use(&self, pipes: u64) {
+        self.stats.pipes_in_use.store(pipes, Ordering::Relaxed);
+    }
+
     /// A live flow moved to the successor process (upgrade): no longer active here, and not
     /// closed either.
     pub fn flow_handed_over(&self) {
@@ -488,6 +504,8 @@ pub struct WorkerCounts {
     pub slow_turns: [u64; SLOW_TURNS.len()],
     pub buffers_in_use: u64,
     pub spill_bytes: u64,
+    pub spliced_bytes: u64,
+    pub pipes_in_use: u64,
     /// Non-cumulative bucket counts, the last being above 5 s.
     pub connect_buckets: [u64; CONNECT_SLOTS],
     pub connect_sum_micros: u64,
@@ -529,6 +547,8 @@ impl WorkerCounts {
         sum(&mut self.slow_turns, &other.slow_turns);
         self.buffers_in_use = self.buffers_in_use.wrapping_add(other.buffers_in_use);
         self.spill_bytes = self.spill_bytes.wrapping_add(other.spill_bytes);
+        self.spliced_bytes = self.spliced_bytes.wrapping_add(other.spliced_bytes);
+        self.pipes_in_use = self.pipes_in_use.wrapping_add(other.pipes_in_use);
         sum(&mut self.connect_buckets, &other.connect_buckets);
         self.connect_sum_micros = self
             .connect_sum_micros
@@ -881,6 +901,18 @@ pub fn render_prometheus(
         "ringway_spill_bytes",
         "Undelivered bytes of stalled flows held off the buffer pool, all workers.",
         total.spill_bytes,
+    );
+    render_counter(
+        out,
+        "ringway_spliced_bytes_total",
+        "Bytes relayed by splice through kernel pipes (also in the bytes counters), both directions.",
+        total.spliced_bytes,
+    );
+    render_gauge(
+        out,
+        "ringway_splice_pipes_in_use",
+        "Kernel pipes lent to bulk flows now (splice), all workers.",
+        total.pipes_in_use,
     );
 
     let name = "ringway_event_loop_slow_turns_total";

@@ -1379,3 +1379,93 @@ fn spilled_bytes_of_stalled_readers_move_exactly() {
             .unwrap_or_else(|e| panic!("reader {n}: {e}\n{}", next.stderr_tail()));
     }
 }
+
+/// Bytes waiting in the process's kernel pipes (each pipe once), read with FIONREAD on a
+/// descriptor opened through /proc: it shares the pipe and reads nothing.
+fn bytes_in_pipes(pid: u32) -> u64 {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0;
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+    {
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        let target = target.to_string_lossy().into_owned();
+        if !target.starts_with("pipe:") || !seen.insert(target) {
+            continue;
+        }
+        let Ok(file) = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(entry.path())
+        else {
+            continue;
+        };
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int through the pointer, on a descriptor we own.
+        if unsafe { libc::ioctl(file.as_raw_fd(), libc::FIONREAD, &mut n) } == 0 {
+            total += n as u64;
+        }
+    }
+    total
+}
+
+/// A bulk download relayed by splice whose client stops reading: at the upgrade the bytes in
+/// the kernel pipe go with the flow (read out into the handover), and the client, reading
+/// again from the successor, gets every byte in order.
+#[test]
+fn a_spliced_stream_with_bytes_in_its_pipe_moves_byte_exact() {
+    const TOTAL: u64 = 64 << 20;
+    const FIRST: u64 = 8 << 20;
+    let dir = TempDir::new("handover-splice");
+    let socket = dir.path().join("upgrade.sock");
+    let backend = Backend::start(Kind::Stream);
+    let backends = vec![backend.arg()];
+    let mut old = Proxy::start(&args(&backends, 1, &socket));
+    wait_log(&old, "waiting for a successor", Duration::from_secs(10));
+    let mut client = connect(old.addr).unwrap();
+    client.write_all(&TOTAL.to_le_bytes()).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0u64;
+    while pos < FIRST {
+        let n = client.read(&mut buf).unwrap();
+        assert!(n > 0, "EOF at {pos}");
+        check_pattern(TOTAL, pos, &buf[..n]).unwrap_or_else(|i| panic!("byte {}", pos + i as u64));
+        pos += n as u64;
+    }
+    // The client stops reading: the chain fills up to the proxy's pipe.
+    match backend.next_event(Duration::from_secs(60)) {
+        Some(Event::Stalled { .. }) => {}
+        other => panic!("stream backend: {other:?}\n{}", old.stderr_tail()),
+    }
+    let held = bytes_in_pipes(old.pid());
+    assert!(
+        held > 0,
+        "no bytes in the old process's pipes\n{}",
+        old.stderr_tail()
+    );
+
+    let new = Proxy::start(&takeover(args(&backends, 1, &socket)));
+    expect_handed_over(&mut old, &new);
+    expect_pending_bytes_moved(&old);
+    while pos < TOTAL {
+        let n = client
+            .read(&mut buf)
+            .unwrap_or_else(|e| panic!("after the upgrade at {pos}: {e}\n{}", new.stderr_tail()));
+        assert!(n > 0, "EOF at {pos} of {TOTAL}\n{}", new.stderr_tail());
+        check_pattern(TOTAL, pos, &buf[..n])
+            .unwrap_or_else(|i| panic!("byte {} differs after the upgrade", pos + i as u64));
+        pos += n as u64;
+    }
+    assert_eq!(client.read(&mut buf).unwrap(), 0, "EOF after every byte");
+    match backend.next_event(Duration::from_secs(30)) {
+        Some(Event::Streamed { written, error, .. }) => {
+            assert_eq!((written, error), (TOTAL, None), "backend's side")
+        }
+        other => panic!("stream backend: {other:?}"),
+    }
+}

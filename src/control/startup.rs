@@ -91,7 +91,7 @@ fn start_threads(
         .iter()
         .map(std::os::fd::AsRawFd::as_raw_fd)
         .collect();
-    let max_conns = flow_limit(&config, workers);
+    let (max_conns, splice_pipes) = flow_limit(&config, workers);
     let listen_addr = net::local_addr(&listeners[0])
         .map_err(|e| StartError(format!("cannot listen on {listen}: {e}")))?;
     let admin_listener = match config.admin {
@@ -124,6 +124,7 @@ fn start_threads(
         buffers: config.buffers,
         edge,
         multishot_accept_room: (backlog.max(0) as usize + 64) * workers,
+        splice_pipes,
     };
     let (events_tx, events) = crossbeam_channel::bounded(EVENT_QUEUE);
     let active_flows = Arc::new(AtomicUsize::new(0));
@@ -265,12 +266,20 @@ fn start_threads(
     })
 }
 
-/// `--max-conns`, or what the open-file limit allows. Raises the soft limit to the hard one
-/// even with an explicit `--max-conns`: each flow needs two descriptors.
-fn flow_limit(config: &Config, workers: usize) -> usize {
+/// `--max-conns`, or what the open-file limit allows, and the kernel pipes each worker may
+/// lend to splicing flows (0: `--splice off`). Raises the soft limit to the hard one even with
+/// an explicit `--max-conns`: each flow needs two descriptors, and the pipes' descriptors are
+/// set aside too, so the default limit still never runs out of them.
+fn flow_limit(config: &Config, workers: usize) -> (usize, usize) {
     let fd_limit = raise_fd_limit();
+    let splice_pipes = if config.splice {
+        crate::worker::pipes_per_worker(fd_limit, workers)
+    } else {
+        0
+    };
+    let pipe_fds = 2 * (splice_pipes * workers) as u64;
     let max_conns = config.max_conns.unwrap_or_else(|| {
-        let budget = fd_limit.saturating_sub(RESERVED_FDS + 8 * workers as u64) / 2;
+        let budget = fd_limit.saturating_sub(RESERVED_FDS + 8 * workers as u64 + pipe_fds) / 2;
         budget.max(1) as usize
     });
     if max_conns as u64 * 2 + RESERVED_FDS > fd_limit {
@@ -280,7 +289,7 @@ fn flow_limit(config: &Config, workers: usize) -> usize {
             max_conns as u64 * 2 + RESERVED_FDS
         );
     }
-    max_conns
+    (max_conns, splice_pipes)
 }
 
 /// The health-check settings as the checker uses them. Backends behind --send-proxy expect a

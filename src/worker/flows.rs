@@ -220,6 +220,8 @@ impl Worker {
                 slot.flow.on_send(side, res, tight, &mut ops);
             }
             Kind::Shutdown(side) => slot.flow.on_shutdown(side, res, &mut ops),
+            Kind::PollIn(side) => slot.flow.on_poll_in(side, res, &mut ops),
+            Kind::PollOut(side) => slot.flow.on_poll_out(side, res, &mut ops),
             Kind::Cancel => slot.flow.on_cancel_done(&mut ops),
             Kind::Accept
             | Kind::AcceptCancel
@@ -256,6 +258,7 @@ impl Worker {
     }
 
     pub(super) fn release(&mut self, index: usize, ending: Ending) {
+        self.return_kernel_pipes(index);
         let mut slot = self.slots.remove(index);
         self.handover_forget(slot.handover());
         // What the tick's flushes have not counted yet: the counters end exactly at the flow's

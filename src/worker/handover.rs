@@ -230,6 +230,7 @@ impl Worker {
             // Only buffer returns and spill drops: nothing is submitted, nothing released.
             self.apply(index, &mut ops);
             self.ops = ops;
+            self.return_kernel_pipes(index);
             let slot = self.slots.remove(index);
             if let Some(load) = &slot.backend_load {
                 load.active.fetch_sub(1, Ordering::Relaxed);

@@ -245,6 +245,9 @@ impl Worker {
         }
         self.bufring.relax();
         self.bufring.trim();
+        if let Some(pipes) = self.pipes.as_mut() {
+            pipes.trim_idle();
+        }
         self.return_spill_memory();
         if self.drain_deadline.is_some_and(|d| Instant::now() >= d) {
             self.stop();

@@ -18,6 +18,7 @@ mod ops;
 mod rate_limited;
 mod ring;
 mod slot;
+mod splice;
 mod submit;
 mod timer;
 mod token;
@@ -47,6 +48,7 @@ pub use edge::Edge;
 pub use handoff::{for_workers as handoffs_for_workers, Handoff};
 use rate_limited::RateLimited;
 pub use ring::{new_ring, RingError};
+pub use splice::pipes_per_worker;
 use timer::TimerWheel;
 use token::{Kind, Token};
 
@@ -115,6 +117,9 @@ pub struct Settings {
     /// Room below `max_conns` under which accepts are single-shot: enough that every worker's
     /// multishot accept could take a full listen backlog without passing the limit.
     pub multishot_accept_room: usize,
+    /// `--splice auto`: bulk directions relay through kernel pipes (`worker/splice.rs`), at
+    /// most this many lent at once by this worker; 0: `--splice off`.
+    pub splice_pipes: usize,
 }
 
 /// Buffers a pipe may hold before it stops reading (its budget while the pool is roomy; one when
@@ -253,6 +258,12 @@ struct Worker {
     handover: Option<handover::Progress>,
     /// Load published to the other workers, and connections they pass here (`handoff.rs`).
     handoff: Handoff,
+    /// Kernel pipes for splicing directions; `None` with `--splice off` or when the kernel
+    /// would not make one at start-up.
+    pipes: Option<splice::PipePool>,
+    /// Kernel pipes lent to flows, by slot index, then `Side::pipe_index`: kept here, not in
+    /// the slot, so flows that never splice pay nothing for them.
+    lent_pipes: std::collections::HashMap<usize, [Option<splice::KernelPipe>; 2]>,
 }
 
 /// Runs a worker on the current thread until it is told to stop. Ring set-up errors are
@@ -294,10 +305,27 @@ impl Worker {
         let idle_ticks = settings
             .idle_timeout
             .map(|idle| (idle.as_nanos() / tick.as_nanos()).max(1) as u64);
+        let budget = MAX_QUEUED_BUFFERS as u32 * settings.buffer_size;
+        let pipes = match settings.splice_pipes {
+            0 => None,
+            bound => match splice::PipePool::new(budget, bound) {
+                Ok(pool) => Some(pool),
+                Err(e) => {
+                    log::warn!(
+                        "worker {}: cannot make a {budget}-byte kernel pipe ({e}); bulk flows \
+                         relay through buffers (see /proc/sys/fs/pipe-max-size)",
+                        setup.id
+                    );
+                    None
+                }
+            },
+        };
         let limits = Limits {
             retries: u8::try_from(settings.retries).unwrap_or(u8::MAX),
             max_queued: MAX_QUEUED_BUFFERS,
             read_header: settings.edge.trusted.is_some(),
+            recv_bytes: settings.buffer_size,
+            splice_bytes: pipes.as_ref().map_or(0, splice::PipePool::size),
         };
         Ok(Worker {
             ring,
@@ -347,6 +375,8 @@ impl Worker {
             heartbeat: setup.heartbeat,
             handover: None,
             handoff: setup.handoff,
+            pipes,
+            lent_pipes: std::collections::HashMap::new(),
         })
     }
 
@@ -362,6 +392,8 @@ impl Worker {
             }
             self.stats
                 .set_buffer_use(u64::from(self.bufring.lent()), self.spill_bytes);
+            self.stats
+                .set_pipes_in_use(self.pipes.as_ref().map_or(0, |p| p.in_use() as u64));
             if self.stopping
                 && self.slots.is_empty()
                 && self.parked.is_empty()

@@ -14,6 +14,7 @@ use crate::flow::{CloseReason, Data, Op, Side, Target, TIGHT_RECV_BYTES};
 use crate::proxy_protocol;
 
 use super::flows::local_error_hint;
+use super::splice;
 use super::token::{Kind, Token};
 use super::{timespec, Slot, Worker};
 
@@ -200,6 +201,8 @@ impl Worker {
                     Target::Connect => Kind::Connect,
                     Target::HeaderRecv => Kind::HeaderRecv,
                     Target::Preface => Kind::Preface,
+                    Target::PollIn(side) => Kind::PollIn(side),
+                    Target::PollOut(side) => Kind::PollOut(side),
                 };
                 opcode::AsyncCancel::new(token(kind))
                     .build()
@@ -211,9 +214,140 @@ impl Worker {
                 self.starved.push_back((index as u32, generation));
                 return;
             }
+            Op::PollIn(from) => {
+                let Some(fd) = fd(slot, from) else { return };
+                opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+                    .build()
+                    .user_data(token(Kind::PollIn(from)))
+            }
+            Op::PollOut(to) => {
+                let Some(fd) = fd(slot, to) else { return };
+                opcode::PollAdd::new(types::Fd(fd), libc::POLLOUT as u32)
+                    .build()
+                    .user_data(token(Kind::PollOut(to)))
+            }
+            Op::TakePipe(_)
+            | Op::SpliceIn { .. }
+            | Op::SpliceOut { .. }
+            | Op::DrainPipe(_)
+            | Op::ReturnPipe { .. } => {
+                self.splice_op(index, op, more);
+                return;
+            }
             Op::ReturnBuffer(_) | Op::Release(_) => return,
         };
         self.push(entry);
+    }
+
+    /// The splice operations: carried out at once (non-blocking system calls on the worker's
+    /// own CPU, see `worker/splice.rs`), each answered to the flow before the next op runs.
+    fn splice_op(&mut self, index: usize, op: Op, more: &mut Vec<Op>) {
+        let now = self.timers.now();
+        let tight = self.bufring.tight();
+        let slot = &mut self.slots[index];
+        let fd = |slot: &Slot, side: Side| match side {
+            Side::Client => Some(slot.client.as_raw_fd()),
+            Side::Backend => slot.backend.as_ref().map(|s| s.as_raw_fd()),
+        };
+        match op {
+            Op::TakePipe(from) => {
+                let i = from.pipe_index();
+                let granted = match self.lent_pipes.get(&index).is_some_and(|l| l[i].is_some()) {
+                    true => true,
+                    false => match self.pipes.as_mut().and_then(splice::PipePool::take) {
+                        Some(pipe) => {
+                            self.lent_pipes.entry(index).or_default()[i] = Some(pipe);
+                            true
+                        }
+                        None => false,
+                    },
+                };
+                slot.flow.on_pipe(from, granted, tight, more);
+            }
+            Op::SpliceIn { from, len } => {
+                let pipe = self
+                    .lent_pipes
+                    .get(&index)
+                    .and_then(|l| l[from.pipe_index()].as_ref());
+                let res = match (fd(slot, from), pipe) {
+                    (Some(source), Some(pipe)) => splice::into_pipe(source, pipe, len),
+                    _ => -libc::EBADF,
+                };
+                if res > 0 {
+                    slot.last_active = now;
+                }
+                slot.flow.on_spliced_in(from, res, more);
+            }
+            Op::SpliceOut { from, len } => {
+                let to = from.other();
+                let pipe = self
+                    .lent_pipes
+                    .get(&index)
+                    .and_then(|l| l[from.pipe_index()].as_ref());
+                let res = match (fd(slot, to), pipe) {
+                    (Some(destination), Some(pipe)) => splice::out_of_pipe(pipe, destination, len),
+                    _ => -libc::EBADF,
+                };
+                if res > 0 {
+                    slot.last_active = now;
+                    self.stats.spliced(res as u64);
+                }
+                slot.flow.on_spliced_out(from, res, more);
+            }
+            Op::DrainPipe(from) => {
+                let i = from.pipe_index();
+                let pipe = self.lent_pipes.get(&index).and_then(|l| l[i].as_ref());
+                let got = match pipe {
+                    Some(pipe) => {
+                        let spill = slot.cold().spill.get_or_insert_with(Default::default);
+                        let before = spill[i].len();
+                        let result = splice::drain(pipe, &mut spill[i]);
+                        let got = spill[i].len() - before;
+                        self.spill_bytes += got as u64;
+                        if let Err(e) = result {
+                            // The pipe may still hold bytes: it must not serve another flow.
+                            log::warn!("flow {}: reading a kernel pipe: {e}", slot.client_addr);
+                            let lent = self.lent_pipes.get_mut(&index).and_then(|l| l[i].take());
+                            if let (Some(pipe), Some(pool)) = (lent, self.pipes.as_mut()) {
+                                pool.give_back(pipe, false);
+                            }
+                        }
+                        got
+                    }
+                    None => 0,
+                };
+                slot.flow.on_pipe_drained(from, got as u32, more);
+            }
+            Op::ReturnPipe { from, empty } => {
+                let lent = self.lent_pipes.get_mut(&index);
+                let pipe = lent.and_then(|l| l[from.pipe_index()].take());
+                if let (Some(pipe), Some(pool)) = (pipe, self.pipes.as_mut()) {
+                    pool.give_back(pipe, empty);
+                }
+                if self
+                    .lent_pipes
+                    .get(&index)
+                    .is_some_and(|l| l.iter().all(Option::is_none))
+                {
+                    self.lent_pipes.remove(&index);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A slot leaving the worker gives back any kernel pipe it still holds (a flow returns
+    /// its pipes before release; this keeps the pool's count right whatever happened). A pipe
+    /// returned here is closed, not reused: nothing says it is empty.
+    pub(super) fn return_kernel_pipes(&mut self, index: usize) {
+        let Some(lent) = self.lent_pipes.remove(&index) else {
+            return;
+        };
+        for pipe in lent.into_iter().flatten() {
+            if let Some(pool) = self.pipes.as_mut() {
+                pool.give_back(pipe, false);
+            }
+        }
     }
 
     /// Picks the next untried healthy backend for the flow and submits a connect to it with a

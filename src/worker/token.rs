@@ -35,6 +35,10 @@ pub enum Kind {
     /// Read on the worker's hand-off eventfd: another worker passed it connections (not tied
     /// to a flow; `handoff.rs`).
     HandedIn,
+    /// Readiness of a splicing direction: POLLIN on its source socket.
+    PollIn(Side),
+    /// POLLOUT on a splicing direction's destination socket.
+    PollOut(Side),
 }
 
 impl Kind {
@@ -58,6 +62,10 @@ impl Kind {
             Kind::Close => 16,
             Kind::FlowClosed => 17,
             Kind::HandedIn => 18,
+            Kind::PollIn(Side::Client) => 19,
+            Kind::PollIn(Side::Backend) => 20,
+            Kind::PollOut(Side::Client) => 21,
+            Kind::PollOut(Side::Backend) => 22,
         }
     }
 
@@ -81,6 +89,10 @@ impl Kind {
             16 => Kind::Close,
             17 => Kind::FlowClosed,
             18 => Kind::HandedIn,
+            19 => Kind::PollIn(Side::Client),
+            20 => Kind::PollIn(Side::Backend),
+            21 => Kind::PollOut(Side::Client),
+            22 => Kind::PollOut(Side::Backend),
             _ => return None,
         })
     }
@@ -132,7 +144,7 @@ mod tests {
 
     #[test]
     fn round_trips_every_kind() {
-        for code in 1..=18u8 {
+        for code in 1..=22u8 {
             let kind = Kind::from_code(code).unwrap();
             assert_eq!(kind.code(), code);
             let token = Token::new(123_456, 0xabcdef, kind);
