@@ -9,6 +9,7 @@ mod accept;
 mod bufring;
 mod edge;
 mod flows;
+mod half_close;
 mod handover;
 mod lifecycle;
 mod live_bytes;
