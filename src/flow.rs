@@ -669,19 +669,6 @@ impl Flow {
         }
     }
 
-    /// Would a shutdown(SHUT_WR) on `side` be the flow's last act? True when the flow is
-    /// relaying and the other direction is already read to its EOF and shut down: both sockets
-    /// then have nothing left to read or send, and closing them sends the FIN this shutdown
-    /// would have (close sends a RST instead only over unread bytes, and there are none), so
-    /// the worker may skip the system call and report it done.
-    pub fn shutdown_is_last(&self, side: Side) -> bool {
-        self.phase == Phase::Relaying
-            && self.pipes[side.pipe()].shutdown == ShutdownState::Done
-            && self.pipes[side.other().pipe()].recv == RecvState::Eof
-            && self.pipes[side.other().pipe()].sending.is_none()
-            && self.pipes[side.other().pipe()].queue.is_empty()
-    }
-
     /// shutdown(SHUT_WR) on `side` completed.
     pub fn on_shutdown(&mut self, side: Side, _res: i32, ops: &mut Vec<Op>) {
         // A failed shutdown means the socket is already dead; the other pipe will see it.
@@ -1509,25 +1496,6 @@ mod tests {
             assert_eq!(expect, total);
             assert_eq!(f.bytes().1, u64::from(total));
         }
-    }
-
-    #[test]
-    fn only_the_second_shutdown_is_left_to_close() {
-        let (mut f, mut ops) = relaying();
-        ended(&mut f, Client, 0, &mut ops);
-        assert_eq!(take(&mut ops), [Op::Shutdown(Backend)]);
-        assert!(
-            !f.shutdown_is_last(Backend),
-            "the backend may still answer: its FIN must go now"
-        );
-        f.on_shutdown(Backend, 0, &mut ops);
-        data(&mut f, Backend, 3, 2, &mut ops);
-        take(&mut ops);
-        f.on_send(Client, 3, false, &mut ops);
-        take(&mut ops);
-        ended(&mut f, Backend, 0, &mut ops);
-        assert_eq!(take(&mut ops), [Op::Shutdown(Client)]);
-        assert!(f.shutdown_is_last(Client), "both sides read to EOF");
     }
 
     #[test]

@@ -179,13 +179,8 @@ impl Worker {
             Op::Shutdown(side) => {
                 let Some(fd) = fd(slot, side) else { return };
                 // Not through the ring: io_uring runs every shutdown on an io-wq thread
-                // (see half_close.rs); the system call finishes at once. The flow's last one
-                // is not made at all: the close that follows sends the same FIN.
-                let res = if slot.flow.shutdown_is_last(side) {
-                    0
-                } else {
-                    super::half_close::shutdown_write(fd)
-                };
+                // (see half_close.rs); the system call finishes at once.
+                let res = super::half_close::shutdown_write(fd);
                 slot.flow.on_shutdown(side, res, more);
                 return;
             }
