@@ -10,6 +10,7 @@ mod accept;
 mod bufring;
 mod edge;
 mod flows;
+mod half_close;
 mod handoff;
 mod handover;
 mod lifecycle;

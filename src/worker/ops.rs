@@ -187,9 +187,11 @@ impl Worker {
             }
             Op::Shutdown(side) => {
                 let Some(fd) = fd(slot, side) else { return };
-                opcode::Shutdown::new(types::Fd(fd), libc::SHUT_WR)
-                    .build()
-                    .user_data(token(Kind::Shutdown(side)))
+                // Not through the ring: io_uring runs every shutdown on an io-wq thread
+                // (see half_close.rs); the system call finishes at once.
+                let res = super::half_close::shutdown_write(fd);
+                slot.flow.on_shutdown(side, res, more);
+                return;
             }
             Op::Cancel(target) => {
                 // By the operation's own token: the kernel finds it by hash. Cancelling by
