@@ -195,7 +195,7 @@ impl Handoff {
             if taking {
                 self.load().fetch_and(!NOT_TAKING, Ordering::Relaxed);
             } else {
-                self.load().fetch_or(NOT_TAKING, Ordering::Relaxed);
+                self.load().fetch_or(NOT_TAKING, Ordering::AcqRel);
             }
         }
     }
@@ -238,10 +238,27 @@ impl Handoff {
         should_hand_off(mine, least).then_some(target)
     }
 
-    /// Queues `fd` for worker `target` and rings its bell; gives `fd` back if it has ended.
+    /// Connections other workers counted into this worker's `load` and queued (or are about
+    /// to queue) in its inbox, not taken out yet.
+    fn in_flight(&self) -> usize {
+        self.held().saturating_sub(self.published)
+    }
+
+    /// Queues `fd` for worker `target` and rings its bell; gives `fd` back if it has ended or
+    /// has stopped taking connections.
+    ///
+    /// The count goes up before the send, and a target that has set `NOT_TAKING` is refused
+    /// by the same atomic add: both are read-modify-writes of one word, so either this add
+    /// comes first and the target, seeing it in its count, waits for the connection before it
+    /// tells a successor it is drained (`in_flight`), or it comes second and sees the bit.
+    /// Without it, a connection passed in the moment between the check in `choose` and the
+    /// target's handover could reach the target after its `Drained` and wait there unserved.
     fn send(&self, target: usize, fd: OwnedFd) -> Result<(), OwnedFd> {
         let peer = &self.peers.peers[target];
-        peer.load.fetch_add(1, Ordering::Relaxed);
+        if peer.load.fetch_add(1, Ordering::AcqRel) & NOT_TAKING != 0 {
+            peer.load.fetch_sub(1, Ordering::Relaxed);
+            return Err(fd);
+        }
         if let Err(refused) = peer.inbox.send(fd) {
             peer.load.fetch_sub(1, Ordering::Relaxed);
             return Err(refused.into_inner());
@@ -283,6 +300,12 @@ impl Worker {
         let taking = !self.stopping && self.handover.is_none();
         self.handoff
             .settle(self.slots.len() + self.parked.len(), taking);
+    }
+
+    /// Whether connections passed here before this worker stopped taking them may still be on
+    /// their way (a handover waits for them before it says `Drained`; see `Handoff::send`).
+    pub(super) fn handoffs_in_flight(&self) -> bool {
+        !self.handoff.alone() && self.handoff.in_flight() > 0
     }
 
     /// Passes a connection this worker just accepted to a less loaded worker, if one holds
@@ -459,5 +482,25 @@ mod tests {
             0,
             "the other end was closed"
         );
+    }
+
+    #[test]
+    fn a_worker_that_stopped_taking_refuses_a_late_connection_and_waits_for_earlier_ones() {
+        let mut handoffs = for_workers(2).unwrap();
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        // Worker 0 chose worker 1 and counted a connection into it just before worker 1
+        // began a handover: worker 1 must see it on its way and wait for it.
+        handoffs[0].send(1, OwnedFd::from(a)).unwrap();
+        let mut target = handoffs.pop().unwrap();
+        target.settle(0, false);
+        assert_eq!(target.in_flight(), 1);
+        // A connection sent after the bit is set comes back to its sender, uncounted.
+        let late = handoffs[0].send(1, OwnedFd::from(b));
+        assert!(late.is_err());
+        assert_eq!(target.in_flight(), 1);
+        // Once the first is taken out of the inbox nothing is on its way any more.
+        assert!(target.inbox.try_recv().is_ok());
+        target.took(1);
+        assert_eq!(target.in_flight(), 0);
     }
 }

@@ -83,6 +83,8 @@ impl Worker {
                 .collect(),
             drained_sent: false,
         });
+        // Other workers stop passing connections here now, not at the end of the turn.
+        self.publish_load();
         self.cancel_accept();
         self.handover_turn();
     }
@@ -163,8 +165,13 @@ impl Worker {
             }
         }
         let id = self.id;
+        let in_flight = self.handoffs_in_flight();
         if let Some(progress) = self.handover.as_mut() {
-            if progress.pending == 0 && progress.waiting.is_empty() && !progress.drained_sent {
+            if progress.pending == 0
+                && progress.waiting.is_empty()
+                && !progress.drained_sent
+                && !in_flight
+            {
                 progress.drained_sent = true;
                 let _ = progress.exports.send(Exported::Drained { worker: id });
             }
