@@ -316,17 +316,30 @@ impl Pipe {
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
     /// Connect attempts after the first one (at most `config::MAX_RETRIES`). Narrow types keep
-    /// `Limits`, copied into every flow, at 3 bytes (see worker/slot.rs).
+    /// `Limits`, copied into every flow, small (see worker/slot.rs).
     pub retries: u8,
     /// Buffers a pipe may hold while the pool is roomy (one when it is tight).
     pub max_queued: u8,
     /// Read a PROXY protocol header from the client before anything else.
     pub read_header: bool,
-    /// Bytes a recv asks for while the pool is roomy (the buffer size): a recv that fills it
-    /// counts towards switching its direction to splice.
-    pub recv_bytes: u32,
-    /// Bytes a direction may hold in a kernel pipe when it splices; 0: splice is off.
-    pub splice_bytes: u32,
+    /// A recv of at least this many `SPLICE_UNIT`s (the buffer size, rounded down) fills its
+    /// buffer and counts towards switching its direction to splice; 0: splice is off. Units
+    /// rather than bytes keep `Limits`, copied into every flow, small (worker/slot.rs); the
+    /// pipe's byte budget comes with the pipe (`on_pipe`).
+    pub splice_after_units: u16,
+}
+
+/// The unit of `Limits::splice_after_units`: buffers are at most 1 MiB (32,768 units).
+pub const SPLICE_UNIT: u32 = 32;
+
+impl Limits {
+    /// `splice_after_units` for buffers of `buffer_size` bytes, or 0 when splice is off.
+    pub fn splice_after(buffer_size: u32, splice: bool) -> u16 {
+        if !splice {
+            return 0;
+        }
+        u16::try_from((buffer_size / SPLICE_UNIT).max(1)).unwrap_or(u16::MAX)
+    }
 }
 
 #[derive(Debug)]
@@ -551,10 +564,11 @@ impl Flow {
                     .splice
                     .as_deref()
                     .map_or(SpliceMode::Off, |s| s[from.pipe()].mode);
-                if limits.splice_bytes > 0 && mode == SpliceMode::Off {
+                let full = u32::from(limits.splice_after_units) * SPLICE_UNIT;
+                if full > 0 && mode == SpliceMode::Off {
                     // A direction proves bulk by filling whole buffers; small messages never
                     // do, so request/response traffic stays on the buffered path.
-                    if len as u32 >= limits.recv_bytes && !tight {
+                    if len as u32 >= full && !tight {
                         pipe.full_recvs = pipe.full_recvs.saturating_add(1);
                     } else {
                         pipe.full_recvs = 0;
@@ -1128,8 +1142,7 @@ mod tests {
         retries: 1,
         max_queued: 4,
         read_header: false,
-        recv_bytes: 65536,
-        splice_bytes: 0,
+        splice_after_units: 0,
     };
 
     fn take(ops: &mut Vec<Op>) -> Vec<Op> {

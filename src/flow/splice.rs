@@ -8,7 +8,7 @@
 //! (`Op::SpliceIn`, `Op::SpliceOut`, results in `on_spliced_in`/`on_spliced_out`). Readiness
 //! comes from the ring: a splice in that finds nothing arms a one-shot POLLIN on the source, a
 //! splice out that the destination takes only in part arms a POLLOUT on it. The pipe holds at
-//! most `Limits::splice_bytes` (the direction's byte budget), so a stalled reader stops the
+//! most the pipe's byte budget (`Splice::room`, given with the pipe), so a stalled reader stops the
 //! reads from its source exactly as a full buffered pipe does. EOF (a splice in of 0) becomes
 //! the shutdown once the kernel pipe is empty. A direction never switches back, except when a
 //! splice call fails with an error that says splice does not work on these sockets (EINVAL
@@ -54,6 +54,8 @@ pub(super) struct Splice {
     /// The last splice in found the kernel pipe full (EAGAIN with bytes in it): read again
     /// only after the destination took some.
     pub(super) pipe_full: bool,
+    /// Bytes the lent kernel pipe may hold (the direction's budget), from `on_pipe`.
+    pub(super) room: u32,
 }
 
 impl Splice {
@@ -73,16 +75,17 @@ pub(super) const FULL_RECVS_TO_SPLICE: u8 = 2;
 const SPLICE_ROUNDS: u8 = 8;
 
 impl Flow {
-    /// The worker's answer to `Op::TakePipe`.
-    pub fn on_pipe(&mut self, from: Side, granted: bool, tight: bool, ops: &mut Vec<Op>) {
+    /// The worker's answer to `Op::TakePipe`: the lent pipe's byte budget, or `None`.
+    pub fn on_pipe(&mut self, from: Side, granted: Option<u32>, tight: bool, ops: &mut Vec<Op>) {
         let Some(splice) = self.splice_mut(from) else {
             return;
         };
         if splice.mode != SpliceMode::Asked {
             return;
         }
-        if granted {
+        if let Some(room) = granted {
             splice.mode = SpliceMode::On;
+            splice.room = room;
         } else {
             // No pipe free: stay buffered, and prove bulk again before the next ask.
             splice.mode = SpliceMode::Off;
@@ -290,11 +293,11 @@ impl Flow {
         if self.phase != Phase::Relaying || self.quiescing {
             return;
         }
-        let room = self.limits.splice_bytes;
         let pipe = &mut self.pipes[from.pipe()];
         let Some(splice) = self.splice.as_deref_mut().map(|s| &mut s[from.pipe()]) else {
             return;
         };
+        let room = splice.room;
         if splice.mode != SpliceMode::On
             || !pipe.buffered_empty()
             || splice.in_pending
@@ -359,8 +362,7 @@ mod tests {
         retries: 1,
         max_queued: 4,
         read_header: false,
-        recv_bytes: 65536,
-        splice_bytes: PIPE,
+        splice_after_units: (65536 / SPLICE_UNIT) as u16,
     };
 
     fn take(ops: &mut Vec<Op>) -> Vec<Op> {
@@ -394,7 +396,7 @@ mod tests {
             [Op::TakePipe(Backend)],
             "no recv once it asked"
         );
-        f.on_pipe(Backend, true, false, &mut ops);
+        f.on_pipe(Backend, Some(PIPE), false, &mut ops);
         assert!(ops.is_empty(), "buffered bytes first: nothing spliced yet");
         f.on_send(Client, 65536, false, &mut ops);
         assert!(
@@ -473,7 +475,7 @@ mod tests {
         f.on_recv(Backend, 65536, Some(1), true, false, &mut ops);
         f.on_recv(Backend, 65536, Some(2), true, false, &mut ops);
         ops.clear();
-        f.on_pipe(Backend, false, false, &mut ops);
+        f.on_pipe(Backend, None, false, &mut ops);
         assert_eq!(
             take(&mut ops),
             [Op::Recv {

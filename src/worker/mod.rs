@@ -325,8 +325,7 @@ impl Worker {
             retries: u8::try_from(settings.retries).unwrap_or(u8::MAX),
             max_queued: MAX_QUEUED_BUFFERS,
             read_header: settings.edge.trusted.is_some(),
-            recv_bytes: settings.buffer_size,
-            splice_bytes: pipes.as_ref().map_or(0, splice::PipePool::size),
+            splice_after_units: Limits::splice_after(settings.buffer_size, pipes.is_some()),
         };
         Ok(Worker {
             ring,

@@ -254,7 +254,7 @@ impl Worker {
         match op {
             Op::TakePipe(from) => {
                 let i = from.pipe_index();
-                let granted = match self.lent_pipes.get(&index).is_some_and(|l| l[i].is_some()) {
+                let lent = match self.lent_pipes.get(&index).is_some_and(|l| l[i].is_some()) {
                     true => true,
                     false => match self.pipes.as_mut().and_then(splice::PipePool::take) {
                         Some(pipe) => {
@@ -264,6 +264,11 @@ impl Worker {
                         None => false,
                     },
                 };
+                let granted = self
+                    .pipes
+                    .as_ref()
+                    .map(splice::PipePool::size)
+                    .filter(|_| lent);
                 slot.flow.on_pipe(from, granted, tight, more);
             }
             Op::SpliceIn { from, len } => {

@@ -50,9 +50,9 @@ impl Cold {
 
 /// The slot's size, checked at compile time: it is most of RSS per idle flow (the goal is at most
 /// 600 B per flow, with the worker's fixed memory divided among the flows). Grow it only with a
-/// field every flow needs; anything else belongs in `Cold`. 304: the 280 of the slot shrink plus
-/// splice's per-flow part (its boxed state, and the receive size and pipe budget in `Limits`).
-const SLOT_MAX_BYTES: usize = 304;
+/// field every flow needs; anything else belongs in `Cold`. 296: the 280 of the slot shrink plus
+/// splice's per-flow part (the pointer to its boxed state, and `Limits::splice_after_units`).
+const SLOT_MAX_BYTES: usize = 296;
 const _: () = assert!(std::mem::size_of::<Slot>() <= SLOT_MAX_BYTES);
 
 /// The slab starts with room for this many bytes of slots: above glibc's mmap threshold (128 KiB),
