@@ -7,7 +7,6 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::os::fd::AsRawFd;
 use std::thread;
 use std::time::Duration;
 
@@ -190,41 +189,6 @@ fn backend_half_close_in_splice_mode_then_the_client_still_uploads() {
         DOWN + UP
     );
 }
-
-/// Bytes waiting in each kernel pipe the process holds (a worker's wake pipe included), read
-/// with FIONREAD on a descriptor opened through /proc (it shares the pipe, reads nothing).
-fn bytes_in_pipes(pid: u32) -> Vec<u64> {
-    let mut found = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return found;
-    };
-    for entry in dir.flatten() {
-        let Ok(target) = std::fs::read_link(entry.path()) else {
-            continue;
-        };
-        let target = target.to_string_lossy().into_owned();
-        // Both ends of a pipe show the same `pipe:[inode]`: count each pipe once.
-        if !target.starts_with("pipe:") || !seen.insert(target) {
-            continue;
-        }
-        let Ok(file) = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(entry.path())
-        else {
-            continue;
-        };
-        let mut n: libc::c_int = 0;
-        // SAFETY: FIONREAD writes one int through the pointer, on a descriptor we own.
-        if unsafe { libc::ioctl(file.as_raw_fd(), libc::FIONREAD, &mut n) } == 0 {
-            found.push(n as u64);
-        }
-    }
-    found
-}
-
-use std::os::unix::fs::OpenOptionsExt;
 
 #[test]
 fn a_reader_that_stops_holds_at_most_the_budget_in_the_pipe_and_loses_nothing() {

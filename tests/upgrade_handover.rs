@@ -1384,40 +1384,6 @@ fn spilled_bytes_of_stalled_readers_move_exactly() {
     }
 }
 
-/// Bytes waiting in the process's kernel pipes (each pipe once), read with FIONREAD on a
-/// descriptor opened through /proc: it shares the pipe and reads nothing.
-fn bytes_in_pipes(pid: u32) -> u64 {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut seen = std::collections::HashSet::new();
-    let mut total = 0;
-    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .flatten()
-    {
-        let Ok(target) = std::fs::read_link(entry.path()) else {
-            continue;
-        };
-        let target = target.to_string_lossy().into_owned();
-        if !target.starts_with("pipe:") || !seen.insert(target) {
-            continue;
-        }
-        let Ok(file) = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(entry.path())
-        else {
-            continue;
-        };
-        let mut n: libc::c_int = 0;
-        // SAFETY: FIONREAD writes one int through the pointer, on a descriptor we own.
-        if unsafe { libc::ioctl(file.as_raw_fd(), libc::FIONREAD, &mut n) } == 0 {
-            total += n as u64;
-        }
-    }
-    total
-}
-
 /// A bulk download relayed by splice whose client stops reading: at the upgrade the bytes in
 /// the kernel pipe go with the flow (read out into the handover), and the client, reading
 /// again from the successor, gets every byte in order.
@@ -1446,7 +1412,7 @@ fn a_spliced_stream_with_bytes_in_its_pipe_moves_byte_exact() {
         Some(Event::Stalled { .. }) => {}
         other => panic!("stream backend: {other:?}\n{}", old.stderr_tail()),
     }
-    let held = bytes_in_pipes(old.pid());
+    let held: u64 = bytes_in_pipes(old.pid()).iter().sum();
     assert!(
         held > 0,
         "no bytes in the old process's pipes\n{}",
