@@ -108,7 +108,9 @@ if w in ("rr", "connect"):
     n = r["ok"]; per = cpu / max(n, 1) * 1e6; unit = "s per 1M " + ("requests" if w == "rr" else "connections")
 else:
     n = r["bytes_up"] + r["bytes_down"]; per = cpu / max(n, 1) * 1e9; unit = "s per GB"
-print(f"{name:8s} {w:7s} cpu {cpu:6.2f} s  {per:8.3f} {unit}  errors {r.get('errors', 0)}")
+lat = r.get("latency_us") or {}
+tail = f"  p99 {lat['p99']:.0f} us p99.9 {lat['p999']:.0f} us" if "p999" in lat else ""
+print(f"{name:8s} {w:7s} cpu {cpu:6.2f} s  {per:8.3f} {unit}  errors {r.get('errors', 0)}{tail}")
 PY
 }
 for _ in $(seq "$REPS"); do
