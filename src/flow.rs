@@ -839,21 +839,7 @@ impl Flow {
             }
             pipe.starved = false;
             let mut targets = Vec::new();
-            if pipe.recv == RecvState::Armed {
-                targets.push(Target::Recv(from));
-            }
-            if pipe.sending.is_some() && !pipe.reclaiming {
-                targets.push(Target::Send(from.other()));
-            }
-            if let Some(splice) = self.splice.as_deref() {
-                let splice = &splice[from.pipe()];
-                if splice.poll_in {
-                    targets.push(Target::PollIn(from));
-                }
-                if splice.poll_out {
-                    targets.push(Target::PollOut(from.other()));
-                }
-            }
+            self.relay_ops_in_flight(from, &mut targets);
             self.cancel(&targets, ops);
         }
         let mut targets = Vec::new();
@@ -1001,6 +987,32 @@ pub struct AdoptedPipe {
 /// Handing a flow to another process: quiesce it, describe it, then either let it go or take
 /// it back. Adopting one from the previous process.
 impl Flow {
+    /// The relay operations of the pipe reading `from` that are in the kernel now (its recv,
+    /// the send of its bytes, its splice polls): what closing or quiescing must cancel.
+    fn relay_ops_in_flight(&self, from: Side, targets: &mut Vec<Target>) {
+        let pipe = &self.pipes[from.pipe()];
+        if pipe.recv == RecvState::Armed {
+            targets.push(Target::Recv(from));
+        }
+        if pipe.sending.is_some() && !pipe.reclaiming {
+            targets.push(Target::Send(from.other()));
+        }
+        if let Some(splice) = self.splice.as_deref() {
+            let splice = &splice[from.pipe()];
+            if splice.poll_in {
+                targets.push(Target::PollIn(from));
+            }
+            if splice.poll_out {
+                targets.push(Target::PollOut(from.other()));
+            }
+        }
+    }
+
+    /// Bytes of the pipe reading `from` waiting in its kernel pipe.
+    fn splice_in_pipe(&self, from: Side) -> u32 {
+        self.splice.as_deref().map_or(0, |s| s[from.pipe()].in_pipe)
+    }
+
     /// Stops moving bytes so the flow can be handed over: armed recvs and sends (and a preface
     /// send) in flight are cancelled, and none is started again until `resume`. A flow still
     /// reading a PROXY header or connecting carries on until it relays, then stops there.
@@ -1015,26 +1027,11 @@ impl Flow {
         }
         let mut targets = Vec::new();
         for from in [Side::Client, Side::Backend] {
-            let pipe = &self.pipes[from.pipe()];
-            if pipe.recv == RecvState::Armed {
-                targets.push(Target::Recv(from));
-            }
-            if pipe.sending.is_some() && !pipe.reclaiming {
-                targets.push(Target::Send(from.other()));
-            }
-            if let Some(splice) = self.splice.as_deref() {
-                let splice = &splice[from.pipe()];
-                if splice.poll_in {
-                    targets.push(Target::PollIn(from));
-                }
-                if splice.poll_out {
-                    targets.push(Target::PollOut(from.other()));
-                }
-                if splice.in_pipe > 0 {
-                    // Bytes in a kernel pipe cannot be handed over: they move to the spill now
-                    // (polls in flight do not touch the pipe), and are exported with it.
-                    ops.push(Op::DrainPipe(from));
-                }
+            self.relay_ops_in_flight(from, &mut targets);
+            if self.splice_in_pipe(from) > 0 {
+                // Bytes in a kernel pipe cannot be handed over: they move to the spill now
+                // (polls in flight do not touch the pipe), and are exported with it.
+                ops.push(Op::DrainPipe(from));
             }
         }
         if self.preface_in_flight {
